@@ -1,0 +1,5 @@
+"""Models assembled from plugins."""
+
+from lightningllm.models.decoder import Decoder
+
+__all__ = ["Decoder"]

@@ -1,0 +1,195 @@
+"""Decoder-only transformer (GPT, Llama, ...), assembled from plugin factories."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightningllm.cache import KVCache
+from lightningllm.config import factory_of, spec_of
+from lightningllm.contracts import (
+    AttentionFactory,
+    Block,
+    BlockFactory,
+    FeedForwardFactory,
+    NormFactory,
+    PositionFactory,
+)
+from lightningllm.errors import ConfigError
+from lightningllm.mask import AttentionMask
+
+SLOTS = {"attention": "attention", "ffn": "ffn", "norm": "norm", "position": "position", "block": "block"}
+RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
+
+
+class Decoder(nn.Module):
+    """Token embedding, ``n_layers`` blocks, final norm and language-model head.
+
+    Args:
+        vocab_size: rows of the embedding and the head.
+        dim: model width.
+        n_layers: number of blocks.
+        n_heads: query heads per attention layer.
+        attention: factory of the attention plugin, called with dim, n_heads, n_kv_heads, dropout.
+        ffn: factory of the feed-forward plugin, called with dim, hidden_dim, dropout.
+        norm: factory of the norm plugin, called with dim (each block's two norms and the final norm).
+        position: factory of the positional plugin, called once with dim, n_heads, head_dim, max_seq_len.
+        block: factory of the block layout, called with the built attention, ffn and norms.
+        n_kv_heads: key/value heads (None: n_heads, i.e. MHA; 1: MQA; in between: GQA).
+        hidden_dim: feed-forward width (None: 4 * dim).
+        max_seq_len: longest sequence the positional plugin must encode.
+        dropout: dropout on embeddings, residual branches and inside the FFN.
+        attention_dropout: dropout on attention probabilities.
+        tie_embeddings: share the embedding matrix with the head.
+        scale_logits: multiply logits by 1/sqrt(dim).
+        init_std: std of the normal initialisation; residual output projections
+            (``o_proj``, ``down_proj``) get ``init_std / sqrt(2 * n_layers)`` (GPT-2).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        n_layers: int,
+        n_heads: int,
+        attention: AttentionFactory,
+        ffn: FeedForwardFactory,
+        norm: NormFactory,
+        position: PositionFactory,
+        block: BlockFactory,
+        n_kv_heads: int | None = None,
+        hidden_dim: int | None = None,
+        max_seq_len: int = 1024,
+        dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+        tie_embeddings: bool = True,
+        scale_logits: bool = False,
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        n_kv_heads = n_kv_heads or n_heads
+        _check_shapes(vocab_size, dim, n_layers, n_heads, n_kv_heads)
+        hidden_dim = hidden_dim or 4 * dim
+        self.config = {
+            "vocab_size": vocab_size, "dim": dim, "n_layers": n_layers, "n_heads": n_heads,
+            "attention": spec_of(attention), "ffn": spec_of(ffn), "norm": spec_of(norm),
+            "position": spec_of(position), "block": spec_of(block), "n_kv_heads": n_kv_heads,
+            "hidden_dim": hidden_dim, "max_seq_len": max_seq_len, "dropout": dropout,
+            "attention_dropout": attention_dropout, "tie_embeddings": tie_embeddings,
+            "scale_logits": scale_logits, "init_std": init_std,
+        }  # fmt: skip
+        self.vocab_size, self.dim, self.n_layers, self.max_seq_len = vocab_size, dim, n_layers, max_seq_len
+        self.init_std = init_std
+        self.logit_scale = dim**-0.5 if scale_logits else 1.0
+
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.position = position(dim=dim, n_heads=n_heads, head_dim=dim // n_heads, max_seq_len=max_seq_len)
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            block(
+                attention=attention(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, dropout=attention_dropout),
+                ffn=ffn(dim=dim, hidden_dim=hidden_dim, dropout=dropout),
+                norm_1=norm(dim=dim),
+                norm_2=norm(dim=dim),
+                dropout=dropout,
+            )
+            for _ in range(n_layers)
+        )
+        self.norm = norm(dim=dim)
+        self.lm_head = nn.Linear(dim, vocab_size, bias=False)
+        if tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Decoder:
+        """Rebuild from :attr:`config` (plugin specs as ``{class_path, init_args}``)."""
+        kwargs = dict(config)
+        for slot, kind in SLOTS.items():
+            kwargs[slot] = factory_of(kwargs[slot], kind)
+        return cls(**kwargs)
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) linears and embeddings, scaled residual outputs, plugins' own rules."""
+        residual_std = self.init_std / math.sqrt(2 * self.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                std = residual_std if name.rsplit(".", 1)[-1] in RESIDUAL_OUTPUTS else self.init_std
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    def make_cache(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
+        """One empty cache per block for decoding up to ``max_len`` positions."""
+        max_len = max_len or self.max_seq_len
+        weight = self.embed.weight
+        return [
+            blk.attention.make_cache(batch_size, max_len, dtype=weight.dtype, device=weight.device)
+            for blk in self.blocks
+        ]
+
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        *,
+        mask: AttentionMask | None = None,
+        positions: Tensor | None = None,
+        cache: list[KVCache] | None = None,
+    ) -> Tensor:
+        """input_ids: (B, T) -> final-normed hidden states (B, T, dim).
+
+        Args:
+            mask: defaults to plain causal attention.
+            positions: (B or 1, T) absolute positions; default continues after the cache.
+            cache: from :meth:`make_cache`; filled in place.
+        """
+        T = input_ids.shape[1]
+        offset = cache[0].length if cache else 0
+        if positions is None:
+            self.position.check_length(offset + T)
+            positions = torch.arange(offset, offset + T, device=input_ids.device)[None]
+        mask = mask if mask is not None else AttentionMask(causal=True)
+        x = self.dropout(self.position.embed(self.embed(input_ids), positions))  # (B, T, dim)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, position=self.position, positions=positions, mask=mask, cache=cache[i] if cache else None)
+        return self.norm(x)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        mask: AttentionMask | None = None,
+        positions: Tensor | None = None,
+        cache: list[KVCache] | None = None,
+    ) -> Tensor:
+        """input_ids: (B, T) -> logits (B, T, vocab_size); arguments as in :meth:`hidden_states`."""
+        h = self.hidden_states(input_ids, mask=mask, positions=positions, cache=cache)
+        return self.lm_head(h) * self.logit_scale if self.logit_scale != 1.0 else self.lm_head(h)
+
+    @property
+    def block_class(self) -> type[Block]:
+        """The layout class of the blocks: the FSDP auto-wrap and checkpointing unit."""
+        return type(self.blocks[0])
+
+
+def _check_shapes(vocab_size: int, dim: int, n_layers: int, n_heads: int, n_kv_heads: int) -> None:
+    for name, value in {"vocab_size": vocab_size, "dim": dim, "n_layers": n_layers, "n_heads": n_heads,
+                        "n_kv_heads": n_kv_heads}.items():  # fmt: skip
+        if value < 1:
+            raise ConfigError(f"{name}={value} must be a positive integer.")
+    if dim % n_heads:
+        raise ConfigError(
+            f"dim={dim} is not divisible by n_heads={n_heads}: each head needs an equal share of the width. "
+            f"Choose n_heads among the divisors of {dim}."
+        )
+    if n_heads % n_kv_heads:
+        raise ConfigError(
+            f"n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}: grouped-query attention shares "
+            f"each key/value head among an equal number of query heads. Choose n_kv_heads among the divisors "
+            f"of {n_heads} (1 = MQA, {n_heads} = MHA)."
+        )

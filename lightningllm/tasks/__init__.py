@@ -1,0 +1,1 @@
+"""Training objectives as LightningModules; each receives an already-built model."""

@@ -1,0 +1,1 @@
+"""Built-in lightningllm plugins, registered through the `lightningllm.plugins` entry point."""
