@@ -111,12 +111,17 @@ class NormFactory(Protocol):
 class Block(nn.Module):
     """One layer: how norms, attention, feed-forward and residuals are wired.
 
-    The unit that FSDP wraps and activation checkpointing recomputes.
+    The unit that FSDP wraps and activation checkpointing recomputes. A layout whose
+    output is already normalised (post-norm) sets ``final_norm = False`` so the model
+    adds no norm after the last block. A layout that uses one norm for both branches may
+    set ``norm_2`` to None so no parameter goes unused (DDP requires that).
 
     Args:
         attention, ffn, norm_1, norm_2: built children.
         dropout: residual dropout on each branch's output.
     """
+
+    final_norm: bool = True
 
     def __init__(self, attention: Attention, ffn: FeedForward, norm_1: Norm, norm_2: Norm, dropout: float = 0.0):
         super().__init__()

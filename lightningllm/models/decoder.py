@@ -98,7 +98,7 @@ class Decoder(nn.Module):
             )
             for _ in range(n_layers)
         )
-        self.norm = norm(dim=dim)
+        self.norm = norm(dim=dim) if self.block_class.final_norm else nn.Identity()
         self.lm_head = nn.Linear(dim, vocab_size, bias=False)
         if tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -121,8 +121,11 @@ class Decoder(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            elif module is not self and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+        # then each plugin's own rule, which may override the defaults above for its own parameters
+        for module in self.modules():
+            if module is not self and not isinstance(module, (nn.Linear, nn.Embedding)):
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
 
     def make_cache(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
         """One empty cache per block for decoding up to ``max_len`` positions."""

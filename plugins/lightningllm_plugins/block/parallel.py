@@ -1,0 +1,84 @@
+"""Parallel block: attention and feed-forward read the same input (GPT-J, GPT-NeoX, PaLM)."""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from lightningllm.cache import KVCache
+from lightningllm.contracts import Attention, Block, FeedForward, Norm, Position
+from lightningllm.mask import AttentionMask
+from lightningllm.registry import register
+
+
+@register("block")
+class Parallel(Block):
+    """``x + attention(norm_1(x)) + ffn(norm(x))``: one residual add per layer instead of two.
+
+    GPT-J (Wang & Komatsuzaki, 2021) and PaLM (Chowdhery et al., 2022, section 2) share one norm
+    between the branches; GPT-NeoX (Black et al., 2022) gives the feed-forward its own. With
+    ``shared_norm`` the model's second norm is dropped (``norm_2`` is ``None``), so no parameter
+    goes unused, which DDP would reject.
+
+    Args:
+        attention, ffn, norm_1, norm_2: built children.
+        dropout: residual dropout on each branch's output.
+        shared_norm: feed ``norm_1(x)`` to both branches (GPT-J, PaLM); ``False`` feeds the
+            feed-forward ``norm_2(x)`` (GPT-NeoX).
+        scale_residual: multiply the sum of the two branches by ``1/sqrt(2)`` so the residual
+            stream's variance grows as with a single branch.
+    """
+
+    def __init__(
+        self,
+        attention: Attention,
+        ffn: FeedForward,
+        norm_1: Norm,
+        norm_2: Norm,
+        dropout: float = 0.0,
+        shared_norm: bool = True,
+        scale_residual: bool = False,
+    ) -> None:
+        super().__init__(attention, ffn, norm_1, norm_2, dropout)
+        self.shared_norm, self.scale_residual = shared_norm, scale_residual
+        if shared_norm:
+            self.norm_2 = None
+        self.branch_scale = 1 / math.sqrt(2) if scale_residual else 1.0
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        position: Position,
+        positions: Tensor,
+        mask: AttentionMask,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """x: (B, T, dim) -> (B, T, dim); keyword arguments go to the attention.
+
+        ::
+
+            x ------------+----------------------+
+            |             |                      |
+            |             norm_1 --(shared)--+   norm_2 (shared_norm=False)
+            |             |                  |   |
+            |             attention          +-> ffn
+            |             |                      |
+            |             dropout                dropout
+            |             |                      |
+            |             +------> (+) <---------+
+            |                       |
+            |                       * 1/sqrt(2) (scale_residual)
+            |                       |
+            + <---------------------+
+            |
+            out
+        """
+        h = self.norm_1(x)
+        branches = self.attend(h, position=position, positions=positions, mask=mask, cache=cache)
+        branches = branches + self.feed_forward(h if self.norm_2 is None else self.norm_2(x))
+        return x + branches * self.branch_scale if self.scale_residual else x + branches
+
+    def extra_repr(self) -> str:
+        return f"shared_norm={self.shared_norm}, scale_residual={self.scale_residual}"

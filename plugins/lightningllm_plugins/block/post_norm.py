@@ -1,0 +1,63 @@
+"""Post-norm residual block: the original Transformer and BERT."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lightningllm.cache import KVCache
+from lightningllm.contracts import Block, Position
+from lightningllm.mask import AttentionMask
+from lightningllm.registry import register
+
+
+@register("block")
+class PostNorm(Block):
+    """Normalise the residual stream after each branch is added: ``LayerNorm(x + Sublayer(x))``.
+
+    Vaswani et al. (2017), "Attention Is All You Need", section 5.4; BERT (Devlin et al., 2019).
+    Deep post-norm stacks usually need learning-rate warm-up (Xiong et al., 2020).
+
+    Args:
+        attention, ffn, norm_1, norm_2: built children.
+        dropout: residual dropout on each branch's output.
+    """
+
+    final_norm = False  # the output of the last block is already normalised
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        position: Position,
+        positions: Tensor,
+        mask: AttentionMask,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """x: (B, T, dim) -> (B, T, dim); keyword arguments go to the attention.
+
+        ::
+
+            x ---------------+
+            |                |
+            attention        |
+            |                |
+            dropout          |
+            |                |
+            + <--------------+
+            |
+            norm_1
+            |
+            +----------------+
+            |                |
+            ffn              |
+            |                |
+            dropout          |
+            |                |
+            + <--------------+
+            |
+            norm_2
+            |
+            out
+        """
+        x = self.norm_1(x + self.attend(x, position=position, positions=positions, mask=mask, cache=cache))
+        return self.norm_2(x + self.feed_forward(x))

@@ -1,0 +1,62 @@
+"""Pre-norm residual block: GPT-2, Llama and most modern decoders."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lightningllm.cache import KVCache
+from lightningllm.contracts import Block, Position
+from lightningllm.mask import AttentionMask
+from lightningllm.registry import register
+
+
+@register("block")
+class PreNorm(Block):
+    """Normalise each branch's input, leave the residual stream untouched.
+
+    Xiong et al. (2020), "On Layer Normalization in the Transformer Architecture"; used by GPT-2
+    (Radford et al., 2019) and Llama. The residual stream is never normalised inside the block, so
+    the model applies a final norm after the last block.
+
+    Args:
+        attention, ffn, norm_1, norm_2: built children.
+        dropout: residual dropout on each branch's output.
+    """
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        position: Position,
+        positions: Tensor,
+        mask: AttentionMask,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """x: (B, T, dim) -> (B, T, dim); keyword arguments go to the attention.
+
+        ::
+
+            x ---------------+
+            |                |
+            norm_1           |
+            |                |
+            attention        |
+            |                |
+            dropout          |
+            |                |
+            + <--------------+
+            |
+            +----------------+
+            |                |
+            norm_2           |
+            |                |
+            ffn              |
+            |                |
+            dropout          |
+            |                |
+            + <--------------+
+            |
+            out
+        """
+        x = x + self.attend(self.norm_1(x), position=position, positions=positions, mask=mask, cache=cache)
+        return x + self.feed_forward(self.norm_2(x))
