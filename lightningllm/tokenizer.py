@@ -4,13 +4,46 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from lightningllm.errors import TokenizerError
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>", "<mask>")
 META_FILE = "tokenizer_config.json"
+
+
+class TextStream:
+    """Iterate over training texts once, checking each is a ``str`` and counting characters.
+
+    Args:
+        texts: the training texts (any iterable, consumed once).
+        owner: the tokenizer class name, for error messages.
+    """
+
+    def __init__(self, texts: Iterable[str], owner: str) -> None:
+        if isinstance(texts, str):
+            texts = [texts]
+        self.texts = texts
+        self.owner = owner
+        self.n_chars = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for text in self.texts:
+            if not isinstance(text, str):
+                raise TokenizerError(
+                    f"{self.owner}.train got a {type(text).__name__} where a str was expected: "
+                    "texts must be an iterable of strings."
+                )
+            self.n_chars += len(text)
+            yield text
+
+    def check_not_empty(self) -> None:
+        """Raise :class:`TokenizerError` if the texts held no characters at all."""
+        if self.n_chars == 0:
+            raise TokenizerError(
+                f"{self.owner}.train got no text: the texts were empty. Pass a non-empty iterable of strings."
+            )
 
 
 class Tokenizer:
@@ -105,8 +138,60 @@ class Tokenizer:
         meta_path = directory / META_FILE
         if not meta_path.is_file():
             raise TokenizerError(f"No tokenizer in {str(directory)!r}: {META_FILE} is missing.")
-        meta = json.loads(meta_path.read_text())
-        tokenizer_cls = get("tokenizer", meta["class_path"])
+        try:
+            meta = json.loads(meta_path.read_text())
+            class_path = meta["class_path"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise TokenizerError(
+                f"{str(meta_path)!r} is not a tokenizer config: expected a JSON object with a 'class_path' "
+                f"key as written by Tokenizer.save ({type(err).__name__}: {err})."
+            ) from None
+        tokenizer_cls = get("tokenizer", class_path)
         tokenizer = tokenizer_cls(**meta.get("init_args", {}))
         tokenizer._load_files(directory)
         return tokenizer
+
+    # --- helpers for plugins ----------------------------------------------------------
+    def _require_trained(self) -> None:
+        """Raise :class:`TokenizerError` unless the tokenizer has a vocabulary."""
+        if not self.is_trained:
+            raise TokenizerError(
+                f"{type(self).__name__} has not been trained or loaded, so it cannot encode or decode. "
+                f"Call train(texts) first, or pass path= an existing tokenizer file or folder."
+            )
+
+    def _check_ids(self, ids: Sequence[int]) -> list[int]:
+        """Return ``ids`` as a list, raising :class:`TokenizerError` on an id outside ``[0, vocab_size)``."""
+        self._require_trained()
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise TokenizerError(
+                f"Token id {bad[0]} is out of range for {type(self).__name__}: ids run from 0 to "
+                f"{self.vocab_size - 1} (vocab_size={self.vocab_size})."
+            )
+        return ids
+
+    def _check_vocab_size(self, vocab_size: int | None, minimum: int) -> int | None:
+        """Validate a requested vocabulary size (None passes through)."""
+        if vocab_size is None:
+            return None
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < minimum:
+            raise TokenizerError(
+                f"vocab_size={vocab_size!r} is too small for {type(self).__name__}: it must be an integer "
+                f">= {minimum} to hold the {len(SPECIAL_TOKENS)} special tokens {' '.join(SPECIAL_TOKENS)} "
+                f"and the base alphabet."
+            )
+        return vocab_size
+
+    def _resolve_file(self, path: str | os.PathLike, filename: str) -> Path:
+        """The tokenizer file that ``path`` names: ``path`` itself, or ``path/filename`` for a folder."""
+        resolved = Path(path)
+        if resolved.is_dir():
+            resolved = resolved / filename
+        if not resolved.is_file():
+            raise TokenizerError(
+                f"{type(self).__name__} cannot load path={str(path)!r}: no such file. Pass a folder that holds "
+                f"{filename!r} (as written by save()) or the {filename!r} file itself."
+            )
+        return resolved
