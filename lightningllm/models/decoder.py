@@ -73,6 +73,7 @@ class Decoder(nn.Module):
         n_kv_heads = n_kv_heads or n_heads
         _check_shapes(vocab_size, dim, n_layers, n_heads, n_kv_heads)
         hidden_dim = hidden_dim or 4 * dim
+        _check_knobs_are_not_structural(attention=attention, ffn=ffn, norm=norm, position=position, block=block)
         self.config = {
             "vocab_size": vocab_size, "dim": dim, "n_layers": n_layers, "n_heads": n_heads,
             "attention": spec_of(attention), "ffn": spec_of(ffn), "norm": spec_of(norm),
@@ -178,6 +179,27 @@ class Decoder(nn.Module):
     def block_class(self) -> type[Block]:
         """The layout class of the blocks: the FSDP auto-wrap and checkpointing unit."""
         return type(self.blocks[0])
+
+
+STRUCTURAL = {
+    "attention": ("dim", "n_heads", "n_kv_heads", "dropout"),
+    "ffn": ("dim", "hidden_dim", "dropout"),
+    "norm": ("dim",),
+    "position": ("dim", "n_heads", "head_dim", "max_seq_len"),
+    "block": ("attention", "ffn", "norm_1", "norm_2", "dropout"),
+}
+
+
+def _check_knobs_are_not_structural(**factories) -> None:
+    """The model passes structural sizes itself; the same key among a plugin's knobs would be silently lost."""
+    for slot, factory in factories.items():
+        clash = sorted(set(spec_of(factory)["init_args"]) & set(STRUCTURAL[slot]))
+        if clash:
+            raise ConfigError(
+                f"{slot} init_args set {', '.join(clash)}, which the model passes to every {slot} plugin itself. "
+                f"Set {', '.join(clash)} on the model (Decoder) instead; a plugin's init_args carry only its own "
+                f"knobs (structural keys of {slot}: {', '.join(STRUCTURAL[slot])})."
+            )
 
 
 def _check_shapes(vocab_size: int, dim: int, n_layers: int, n_heads: int, n_kv_heads: int) -> None:

@@ -1,0 +1,153 @@
+"""The ``lightningllm`` command.
+
+``fit``/``validate``/``test``/``predict`` are LightningCLI subcommands (YAML with
+``class_path``/``init_args``, ``--print_config``); ``plugins`` lists the registry and
+``generate`` samples from an export folder. A user error prints one paragraph and exits 2;
+set ``LIGHTNINGLLM_TRACEBACK=1`` to see the traceback too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+
+import torch
+from jsonargparse import ArgumentParser
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lightningllm import registry
+from lightningllm.errors import LightningLLMError
+
+log = logging.getLogger("lightningllm")
+
+
+class PluginAwareParser(LightningArgumentParser):
+    """Replaces jsonargparse's nested report of an unknown plugin class by one paragraph listing the registered ones."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        unknown = _unknown_plugin(message)
+        if unknown is not None:
+            kind, name = unknown
+            message = (
+                f"Unknown {kind} plugin {name!r}. Registered {kind} plugins: {', '.join(registry.available(kind))}. "
+                "Name one of them, or any class by its full import path (class_path: package.module.Class)."
+            )
+        return super().error(message, ex)
+
+
+_UNKNOWN_PATTERNS = (
+    re.compile(r"Unknown (\w+) plugin '([^']+)'"),
+    re.compile(r'Parser key "(?:[\w.]*\.)?(\w+)":\s+Expected a dot import path string: (\S+)'),
+    re.compile(r"NestedArg\(key='(?:[\w.]*\.)?(\w+)', val='([^']+)'\)"),
+)
+
+
+def _unknown_plugin(message: str) -> tuple[str, str] | None:
+    """(kind, name) when the message is about a class name that no registered plugin of that slot has."""
+    for pattern in _UNKNOWN_PATTERNS:
+        for slot, name in pattern.findall(message):
+            if slot in registry.KINDS and "." not in name:
+                return slot, name
+    return None
+
+
+class LightningLLMCLI(LightningCLI):
+    """LightningCLI that links facts of the data to the model, so they are written once."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.vocab_size", "model.init_args.model.init_args.vocab_size", apply_on="instantiate")
+
+
+def run_lightning(args: Sequence[str]) -> None:
+    import lightningllm.callbacks  # noqa: F401 - short class names need the classes imported
+    import lightningllm.data  # noqa: F401
+    import lightningllm.models  # noqa: F401
+    import lightningllm.tasks  # noqa: F401
+
+    LightningLLMCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_class=PluginAwareParser,
+        save_config_kwargs={"overwrite": True},
+        args=list(args),
+    )
+
+
+def list_plugins(args: Sequence[str]) -> None:
+    """lightningllm plugins [KIND]: every registered plugin by kind, with its first docstring line."""
+    kinds = list(args) or list(registry.KINDS)
+    for kind in kinds:
+        names = registry.available(kind)
+        sys.stdout.write(f"{kind}:\n")
+        for name in names:
+            cls = registry.get(kind, name)
+            summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            sys.stdout.write(f"  {name:<24} {summary}  [{registry.source(kind, name)}]\n")
+        if not names:
+            sys.stdout.write("  (none)\n")
+
+
+def generate_command(args: Sequence[str]) -> None:
+    """lightningllm generate EXPORT_DIR --prompt TEXT [sampling options]."""
+    from lightningllm.generation import generate
+    from lightningllm.io import load
+
+    parser = ArgumentParser(prog="lightningllm generate", description="Sample text from an export folder.")
+    parser.add_argument("export_dir", type=str, help="Folder written by an export.")
+    parser.add_argument("--prompt", type=str, default="", help="Text to continue.")
+    parser.add_argument("--max_new_tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 means greedy.")
+    parser.add_argument("--top_k", type=int | None, default=None)
+    parser.add_argument("--top_p", type=float | None, default=None)
+    parser.add_argument("--num_samples", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    cfg = parser.parse_args(list(args))
+    model, tokenizer = load(cfg.export_dir, device=cfg.device)
+    if tokenizer is None:
+        raise LightningLLMError(f"The export {cfg.export_dir!r} has no tokenizer, so a text prompt cannot be encoded.")
+    prompt = [tokenizer.bos_id] + tokenizer.encode(cfg.prompt)
+    ids = torch.tensor([prompt] * cfg.num_samples, device=cfg.device)
+    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    out = generate(model, ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                   top_p=cfg.top_p, eos_id=tokenizer.eos_id, generator=generator)  # fmt: skip
+    for row in out.tolist():
+        new = [t for t in row[len(prompt) :] if t != tokenizer.eos_id]
+        sys.stdout.write(cfg.prompt + tokenizer.decode(new) + "\n")
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {"plugins": list_plugins, "generate": generate_command}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``lightningllm`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    registry.load_plugins()
+    command = COMMANDS.get(argv[0]) if argv else None
+    try:
+        command(argv[1:]) if command else run_lightning(argv)
+    except Exception as err:
+        user_error = _user_error(err)
+        if user_error is None or os.environ.get("LIGHTNINGLLM_TRACEBACK"):
+            raise
+        sys.stderr.write(f"error: {user_error}\n")
+        sys.exit(2)
+
+
+def _user_error(err: BaseException | None) -> LightningLLMError | None:
+    """Our error, also when jsonargparse or Lightning wrapped it while instantiating classes."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, LightningLLMError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Causal language modelling: predict each next token."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+from torchmetrics.text import Perplexity
+
+from lightningllm.contracts import Block, aux_loss
+from lightningllm.errors import ConfigError
+from lightningllm.tasks.hparams import save_task_hyperparameters
+from lightningllm.tasks.optim import Schedule, param_groups, warmup_then_decay
+
+IGNORE_INDEX = -100
+
+
+class CausalLM(L.LightningModule):
+    """Next-token cross-entropy over any model that maps ids (B, T) to logits (B, T, vocab_size).
+
+    Batches are ``{"input_ids": (B, T), "labels": (B, T)}`` with labels already shifted
+    (``labels[:, t] = ids[t + 1]``, -100 ignored), or a bare ids tensor (B, T + 1) that
+    the task shifts itself. Clipping, accumulation, precision and distribution are Trainer
+    arguments.
+
+    Args:
+        model: the network, already built (for example :class:`lightningllm.models.Decoder`).
+        optimizer: called with parameter groups; norms, biases and embeddings get no weight decay.
+        warmup_steps: linear warmup from zero.
+        schedule: decay after warmup, over the Trainer's total optimizer steps.
+        min_lr_ratio: final learning rate as a fraction of the peak.
+        activation_checkpointing: recompute each ``Block`` in the backward pass to save memory.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        warmup_steps: int = 100,
+        schedule: Schedule = "cosine",
+        min_lr_ratio: float = 0.1,
+        activation_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        save_task_hyperparameters(self)
+        self.model = model
+        self.optimizer = optimizer
+        self.warmup_steps, self.schedule, self.min_lr_ratio = warmup_steps, schedule, min_lr_ratio
+        self.activation_checkpointing = activation_checkpointing
+        self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
+        self._step_started: float | None = None
+
+    def configure_model(self) -> None:
+        if self.activation_checkpointing:
+            apply_activation_checkpointing(self.model, check_fn=lambda module: isinstance(module, Block))
+
+    def setup(self, stage: str) -> None:
+        tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
+        vocab_size = getattr(self.model, "vocab_size", None)
+        if tokenizer is not None and vocab_size is not None and tokenizer.vocab_size > vocab_size:
+            raise ConfigError(
+                f"The tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab_size}: "
+                "token ids past the embedding table cannot be looked up. Set the model's vocab_size to at least "
+                f"{tokenizer.vocab_size} (the CLI links data.vocab_size to it when you leave it out)."
+            )
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """input_ids: (B, T) -> logits (B, T, vocab_size)."""
+        return self.model(input_ids)
+
+    def loss(self, batch: dict[str, Tensor] | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean next-token loss (plus any auxiliary loss), the logits and the labels."""
+        input_ids, labels = _inputs_and_labels(batch)
+        logits = self.model(input_ids)  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        return loss + aux_loss(self.model), logits, labels
+
+    def training_step(self, batch: dict[str, Tensor] | Tensor, batch_idx: int) -> Tensor:
+        loss, _, labels = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self._log_throughput(labels.numel())
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor] | Tensor, batch_idx: int) -> None:
+        loss, logits, labels = self.loss(batch)
+        self.val_perplexity(logits.float(), labels)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/perplexity", self.val_perplexity)
+
+    def test_step(self, batch: dict[str, Tensor] | Tensor, batch_idx: int) -> None:
+        loss, _, _ = self.loss(batch)
+        self.log("test/loss", loss, sync_dist=True)
+
+    def predict_step(self, batch: dict[str, Tensor] | Tensor, batch_idx: int) -> Tensor:
+        """Next-token probabilities at the last position, (B, vocab_size)."""
+        input_ids = batch["input_ids"] if isinstance(batch, dict) else batch
+        return self.model(input_ids)[:, -1].softmax(-1)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(param_groups(self.model))
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        scheduler = warmup_then_decay(optimizer, self.warmup_steps, total, self.schedule, self.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _log_throughput(self, n_tokens: int) -> None:
+        now = time.perf_counter()
+        if self._step_started is not None:
+            tokens_per_sec = n_tokens * self.trainer.world_size / (now - self._step_started)
+            self.log("train/tokens_per_sec", tokens_per_sec, prog_bar=True)
+        self._step_started = now
+
+
+def _inputs_and_labels(batch: dict[str, Tensor] | Tensor) -> tuple[Tensor, Tensor]:
+    if isinstance(batch, Tensor):
+        return batch[:, :-1], batch[:, 1:]
+    if "labels" in batch:
+        return batch["input_ids"], batch["labels"]
+    return batch["input_ids"][:, :-1], batch["input_ids"][:, 1:]

@@ -1,0 +1,158 @@
+"""The lightningllm command: fit from YAML with plugin overrides, plugins, generate, and bad input."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightningllm.cli import main
+
+TEXT = "\n\n".join(
+    f"ACT {i}. To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
+    f"the slings and arrows of outrageous fortune, or to take arms against a sea of troubles {i}."
+    for i in range(40)
+)
+
+
+def write_run(tmp_path: Path, **model_overrides) -> Path:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir(exist_ok=True)
+    for i in range(4):
+        (corpus / f"doc{i}.txt").write_text(TEXT)
+    model = {
+        "dim": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 32,
+        "attention": {"class_path": "MultiHeadAttention"}, "ffn": {"class_path": "MLP"},
+        "norm": {"class_path": "LayerNorm"}, "position": {"class_path": "LearnedPosition"},
+        "block": {"class_path": "PreNorm"}, **model_overrides,
+    }  # fmt: skip
+    config = {
+        "seed_everything": 0,
+        "model": {
+            "class_path": "lightningllm.tasks.CausalLM",
+            "init_args": {
+                "model": {"class_path": "lightningllm.models.Decoder", "init_args": model},
+                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-3}},
+                "warmup_steps": 5,
+            },
+        },
+        "data": {
+            "class_path": "lightningllm.data.TextDataModule",
+            "init_args": {
+                "corpus": str(corpus), "tokenizer": {"class_path": "CharTokenizer"}, "seq_len": 32,
+                "batch_size": 8, "data_dir": str(tmp_path / "cache"),
+            },
+        },
+        "trainer": {
+            "max_steps": 40, "val_check_interval": 20, "limit_val_batches": 4, "check_val_every_n_epoch": None,
+            "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(tmp_path / "run"),
+            "logger": {"class_path": "CSVLogger", "init_args": {"save_dir": str(tmp_path / "run")}},
+            "callbacks": [{"class_path": "Export", "init_args": {"dirpath": str(tmp_path / "export")}}],
+        },
+    }  # fmt: skip
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def val_losses(tmp_path: Path) -> list[float]:
+    (metrics,) = (tmp_path / "run").rglob("metrics.csv")
+    return [float(row["val/loss"]) for row in csv.DictReader(metrics.open()) if row.get("val/loss")]
+
+
+def test_fit_from_yaml_lowers_loss_and_exports(tmp_path, capsys):
+    main(["fit", "--config", str(write_run(tmp_path))])
+    losses = val_losses(tmp_path)
+    assert len(losses) >= 2 and losses[-1] < losses[0]
+    assert {p.name for p in (tmp_path / "export").iterdir()} >= {"config.yaml", "model.safetensors"}
+    capsys.readouterr()
+    main(["generate", str(tmp_path / "export"), "--prompt", "To be", "--max_new_tokens", "20", "--top_k", "5"])
+    out = capsys.readouterr().out
+    assert out.startswith("To be") and len(out) > len("To be")
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--model.model.position", "RoPE"),
+        ("--model.model.ffn", "SwiGLU"),
+        ("--model.model.norm", "RMSNorm"),
+        ("--model.model.block", "Parallel"),
+        ("--model.model.n_kv_heads", "1"),
+        ("--data.tokenizer", "ByteLevelBPE"),
+    ],
+)
+def test_one_flag_switches_a_plugin(tmp_path, flag, value):
+    main(["fit", "--config", str(write_run(tmp_path)), f"{flag}={value}", "--trainer.max_steps=2"])
+    config = yaml.safe_load((tmp_path / "export" / "config.yaml").read_text())["init_args"]
+    flat = yaml.safe_dump(config)
+    assert value in flat or flag.endswith("tokenizer")
+
+
+def test_full_class_path_of_an_unregistered_class_is_accepted(tmp_path):
+    run = write_run(tmp_path, norm={"class_path": "tests_support_norms.PlainLayerNorm"})
+    support = tmp_path / "tests_support_norms.py"
+    support.write_text(
+        "from lightningllm.contracts import Norm\nimport torch\n\n"
+        "class PlainLayerNorm(Norm):\n"
+        "    def __init__(self, dim: int):\n        super().__init__()\n        self.ln = torch.nn.LayerNorm(dim)\n\n"
+        "    def forward(self, x):\n        return self.ln(x)\n"
+    )
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        main(["fit", "--config", str(run), "--trainer.max_steps=2"])
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert "tests_support_norms.PlainLayerNorm" in (tmp_path / "export" / "config.yaml").read_text()
+
+
+def test_plugins_lists_every_kind(capsys):
+    main(["plugins"])
+    out = capsys.readouterr().out
+    for expected in ("position:", "RoPE", "attention:", "MultiHeadAttention", "tokenizer:", "CharTokenizer"):
+        assert expected in out
+
+
+def run_failing(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code != 0
+    return capsys.readouterr().err
+
+
+def test_unknown_plugin_lists_registered_ones(tmp_path, capsys):
+    err = run_failing(["fit", "--config", str(write_run(tmp_path)), "--model.model.norm=BatchNorm"], capsys)
+    assert "BatchNorm" in err and "LayerNorm" in err and "RMSNorm" in err
+
+
+def test_heads_not_dividing_width_is_one_paragraph(tmp_path, capsys):
+    err = run_failing(["fit", "--config", str(write_run(tmp_path, n_heads=5))], capsys)
+    assert "dim=32 is not divisible by n_heads=5" in err and "Traceback" not in err
+
+
+def test_missing_corpus_is_reported(tmp_path, capsys):
+    run = write_run(tmp_path)
+    err = run_failing(["fit", "--config", str(run), f"--data.corpus={tmp_path / 'nowhere'}"], capsys)
+    assert "nowhere" in err and "Traceback" not in err
+
+
+def test_sequence_longer_than_learned_table_is_refused(tmp_path, capsys):
+    err = run_failing(["fit", "--config", str(write_run(tmp_path, max_seq_len=16))], capsys)
+    assert "16" in err and "Traceback" not in err
+
+
+def test_generate_from_missing_export_is_reported(tmp_path, capsys):
+    err = run_failing(["generate", str(tmp_path / "none"), "--prompt", "x"], capsys)
+    assert "config.yaml is missing" in err
+
+
+@pytest.mark.parametrize("config", sorted(str(p) for p in Path("configs/pretrain").glob("*.yaml")))
+def test_every_shipped_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", config, "--print_config"])
+    assert exit_info.value.code == 0
+    assert "class_path" in capsys.readouterr().out

@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from lightningllm.errors import ConfigError
+from lightningllm.generation import generate, sample_next
+
+
+def naive_greedy(model, ids, n):
+    """Recompute the whole sequence for every new token: no cache."""
+    for _ in range(n):
+        ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("position", ["LearnedPosition", "RoPE", "ALiBi", "Sinusoidal", "NoPosition"])
+def test_cached_greedy_equals_full_recomputation(decoder_factory, position):
+    torch.manual_seed(0)
+    model = decoder_factory(position=position, n_kv_heads=2).eval()
+    prompt = torch.randint(0, 50, (2, 5))
+    with torch.no_grad():
+        expected = naive_greedy(model, prompt, 12)
+    assert torch.equal(generate(model, prompt, 12, temperature=0), expected)
+
+
+def test_stops_at_eos_and_pads_finished_rows(decoder_factory):
+    torch.manual_seed(0)
+    model = decoder_factory().eval()
+    prompt = torch.randint(0, 50, (1, 4))
+    first = generate(model, prompt, 1, temperature=0)[0, -1].item()
+    out = generate(model, prompt, 20, temperature=0, eos_id=first)
+    assert out.shape == (1, 5) and out[0, -1].item() == first
+
+
+def test_top_k_keeps_only_k_most_likely():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.5, -1.0]])
+    gen = torch.Generator().manual_seed(0)
+    seen = {sample_next(logits, top_k=2, generator=gen).item() for _ in range(300)}
+    assert seen == {1, 3}
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.3, 0.15]]))
+    # naive nucleus: sort by probability, keep until the cumulative mass reaches p
+    probs = logits.softmax(-1)[0].tolist()
+    order = sorted(range(4), key=lambda i: -probs[i])
+    kept, mass = set(), 0.0
+    for i in order:
+        if mass >= 0.75:
+            break
+        kept.add(i)
+        mass += probs[i]
+    gen = torch.Generator().manual_seed(0)
+    seen = {sample_next(logits, top_p=0.75, generator=gen).item() for _ in range(500)}
+    assert seen == kept == {1, 2}
+
+
+def test_temperature_sampling_matches_softmax_frequencies():
+    logits = torch.tensor([[1.0, 0.0, -1.0]])
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_next(logits.expand(1000, 3), temperature=2.0, generator=gen) for _ in range(10)])
+    freq = torch.bincount(draws.flatten(), minlength=3).float() / draws.numel()
+    assert torch.allclose(freq, (logits[0] / 2.0).softmax(-1), atol=0.02)
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(4, 10)
+    assert torch.equal(sample_next(logits, temperature=0), logits.argmax(-1))
+
+
+@pytest.mark.parametrize(
+    "kwargs, value", [({"temperature": -1.0}, "-1.0"), ({"top_k": 0}, "top_k=0"), ({"top_p": 1.5}, "top_p=1.5")]
+)
+def test_bad_sampling_options_are_refused(kwargs, value):
+    with pytest.raises(ConfigError, match=value):
+        sample_next(torch.randn(1, 5), **kwargs)
