@@ -61,7 +61,8 @@ class LightningLLMCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.init_args.model.init_args.vocab_size", apply_on="instantiate")
 
 
-def run_lightning(args: Sequence[str]) -> None:
+def run_lightning(args: Sequence[str] | None) -> None:
+    """LightningCLI over ``args`` (None: the command line)."""
     import lightningllm.callbacks  # noqa: F401 - short class names need the classes imported
     import lightningllm.data  # noqa: F401
     import lightningllm.models  # noqa: F401
@@ -72,7 +73,7 @@ def run_lightning(args: Sequence[str]) -> None:
         subclass_mode_data=True,
         parser_class=PluginAwareParser,
         save_config_kwargs={"overwrite": True},
-        args=list(args),
+        args=None if args is None else list(args),
     )
 
 
@@ -124,12 +125,12 @@ COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {"plugins": list_plugins,
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``lightningllm`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    args = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     registry.load_plugins()
-    command = COMMANDS.get(argv[0]) if argv else None
+    command = COMMANDS.get(args[0]) if args else None
     try:
-        command(argv[1:]) if command else run_lightning(argv)
+        command(args[1:]) if command else run_lightning(None if argv is None else args)
     except Exception as err:
         user_error = _user_error(err)
         if user_error is None or os.environ.get("LIGHTNINGLLM_TRACEBACK"):

@@ -53,8 +53,13 @@ def generate(
 ) -> Tensor:
     """Continue each prompt, reusing keys and values through the model's KV cache.
 
+    The model sees at most ``model.max_seq_len`` positions. A longer generation slides the
+    window as nanoGPT crops its context: when the cache is full, the newest half of the window
+    is encoded again from position 0 and decoding goes on from there.
+
     Args:
-        model: a model with ``make_cache(batch_size, max_len)`` and ``forward(ids, cache=...)``.
+        model: a model with ``make_cache(batch_size, max_len)``, ``forward(ids, cache=...)``
+            and optionally ``max_seq_len``.
         input_ids: (B, T) prompts of equal length.
         max_new_tokens: the most tokens to add.
         temperature, top_k, top_p: as in :func:`sample_next`.
@@ -67,10 +72,11 @@ def generate(
         raise ConfigError(f"max_new_tokens={max_new_tokens} must be zero or more.")
     _check_sampling(temperature, top_k, top_p)
     B, T = input_ids.shape
+    window = min(getattr(model, "max_seq_len", T + max_new_tokens), T + max_new_tokens)
     was_training = model.training
     model.eval()
-    cache = model.make_cache(B, T + max_new_tokens)
-    logits = model(input_ids, cache=cache)[:, -1]  # (B, V)
+    cache = model.make_cache(B, window)
+    logits = model(input_ids[:, -window:], cache=cache)[:, -1]  # (B, V)
     out, done = [input_ids], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
         token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
@@ -80,7 +86,12 @@ def generate(
         out.append(token[:, None])
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        logits = model(token[:, None], cache=cache)[:, -1]
+        if cache[0].length < window:
+            logits = model(token[:, None], cache=cache)[:, -1]
+        else:  # the window is full: encode its newest half again from position 0
+            for layer_cache in cache:
+                layer_cache.reset()
+            logits = model(torch.cat(out, dim=1)[:, -(window // 2 or 1) :], cache=cache)[:, -1]
     model.train(was_training)
     return torch.cat(out, dim=1)
 

@@ -118,6 +118,13 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)  # torch.compile wrapper
 
 
+def _make_readable(directory: Path) -> None:
+    """mkdtemp and some writers create owner-only files; an export is meant to be shared."""
+    directory.chmod(0o755)
+    for path in directory.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 @contextmanager
 def _atomic_directory(target: Path) -> Iterator[Path]:
     """Yield a staging folder beside ``target``; on success it replaces ``target`` in one rename."""
@@ -125,6 +132,7 @@ def _atomic_directory(target: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield staging
+        _make_readable(staging)
         if target.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
             os.replace(target, retired / target.name)

@@ -203,6 +203,10 @@ class TextDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
 
+    def predict_dataloader(self) -> DataLoader:
+        """The validation windows, for ``lightningllm predict``."""
+        return self._loader("val")
+
     # --- corpus and split ----------------------------------------------------------------------
     def _load_documents(self) -> list[Document]:
         if self._documents is None:

@@ -156,3 +156,33 @@ def test_every_shipped_config_parses(config, capsys):
         main(["fit", "--config", config, "--print_config"])
     assert exit_info.value.code == 0
     assert "class_path" in capsys.readouterr().out
+
+
+def test_validate_test_and_predict_run_from_the_same_config(tmp_path):
+    run = str(write_run(tmp_path))
+    main(["fit", "--config", run, "--trainer.max_steps=20"])
+    (checkpoint,) = (tmp_path / "run").rglob("*.ckpt")
+    for subcommand in ("validate", "test", "predict"):
+        main([subcommand, "--config", run, f"--ckpt_path={checkpoint}"])
+
+
+def test_cli_checkpoint_rebuilds_its_model_without_passing_it(tmp_path):
+    import torch
+
+    from lightningllm.io import load
+    from lightningllm.tasks import CausalLM
+
+    main(["fit", "--config", str(write_run(tmp_path)), "--trainer.max_steps=20", "--model.model.ffn=SwiGLU"])
+    (checkpoint,) = (tmp_path / "run").rglob("*.ckpt")
+    task = CausalLM.load_from_checkpoint(checkpoint)
+    exported, _ = load(tmp_path / "export")
+    ids = torch.randint(0, exported.vocab_size, (2, 10))
+    assert task.model.config == exported.config
+    torch.testing.assert_close(task.model.eval()(ids), exported(ids))
+
+
+def test_unknown_option_is_named(tmp_path, capsys):
+    err = run_failing(
+        ["fit", "--config", str(write_run(tmp_path)), "--model.model.attention.init_args.heads=3"], capsys
+    )
+    assert "heads" in err

@@ -22,6 +22,25 @@ def test_cached_greedy_equals_full_recomputation(decoder_factory, position):
     assert torch.equal(generate(model, prompt, 12, temperature=0), expected)
 
 
+def naive_sliding_greedy(model, ids, n, window):
+    """No cache: each step sees the tokens since the last crop; a crop keeps the newest window // 2."""
+    start = 0
+    for _ in range(n):
+        if ids.shape[1] - start > window:
+            start = ids.shape[1] - 1 - window // 2 + 1
+        ids = torch.cat([ids, model(ids[:, start:])[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def test_generation_past_max_seq_len_slides_the_window(decoder_factory):
+    torch.manual_seed(0)
+    model = decoder_factory(position="LearnedPosition", max_seq_len=10).eval()
+    prompt = torch.randint(0, 50, (2, 4))
+    with torch.no_grad():
+        expected = naive_sliding_greedy(model, prompt, 30, window=10)
+    assert torch.equal(generate(model, prompt, 30, temperature=0), expected)
+
+
 def test_stops_at_eos_and_pads_finished_rows(decoder_factory):
     torch.manual_seed(0)
     model = decoder_factory().eval()

@@ -106,3 +106,17 @@ def test_trains_under_mixed_precision(decoder_factory, tmp_path, precision):
     before = task.loss(data[:16])[0].item()
     trainer(tmp_path, precision=precision).fit(task, DataLoader(data, batch_size=16, shuffle=True))
     assert task.loss(data[:16])[0].item() < 0.3 * before
+
+
+def test_tokenizer_larger_than_model_vocabulary_is_refused(decoder_factory, tmp_path):
+    from lightningllm.data import TextDataModule
+    from lightningllm.errors import ConfigError
+    from lightningllm.registry import get
+
+    (tmp_path / "a.txt").write_text("abcdefghijklmnopqrstuvwxyz " * 200)
+    (tmp_path / "b.txt").write_text("zyxwvutsrqponmlkjihgfedcba " * 200)
+    data = TextDataModule(get("tokenizer", "CharTokenizer")(), corpus=str(tmp_path), seq_len=16,
+                          batch_size=4, data_dir=str(tmp_path / "cache"))  # fmt: skip
+    task = CausalLM(decoder_factory(vocab_size=10))
+    with pytest.raises(ConfigError, match="tokenizer has 32 tokens but the model's vocab_size is 10"):
+        trainer(tmp_path, max_steps=1).fit(task, datamodule=data)
