@@ -54,6 +54,9 @@ def _unknown_plugin(message: str) -> tuple[str, str] | None:
     return None
 
 
+CSV_LOGGER = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}}
+
+
 class LightningLLMCLI(LightningCLI):
     """LightningCLI that links facts of the data to the model, so they are written once."""
 
@@ -73,6 +76,7 @@ def run_lightning(args: Sequence[str] | None) -> None:
         subclass_mode_data=True,
         parser_class=PluginAwareParser,
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"logger": CSV_LOGGER},
         args=None if args is None else list(args),
     )
 

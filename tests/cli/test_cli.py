@@ -186,3 +186,13 @@ def test_unknown_option_is_named(tmp_path, capsys):
         ["fit", "--config", str(write_run(tmp_path)), "--model.model.attention.init_args.heads=3"], capsys
     )
     assert "heads" in err
+
+
+def test_logs_go_to_a_csv_logger_by_default(tmp_path, capsys):
+    config = yaml.safe_load(write_run(tmp_path).read_text())
+    del config["trainer"]["logger"]
+    (tmp_path / "nolog.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(tmp_path / "nolog.yaml"), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.CSVLogger"
