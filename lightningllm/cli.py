@@ -124,6 +124,12 @@ def generate_command(args: Sequence[str]) -> None:
         sys.stdout.write(cfg.prompt + tokenizer.decode(new) + "\n")
 
 
+USAGE = """usage: lightningllm {fit,validate,test,predict} --config CONFIG.yaml [--key=value ...] [--print_config]
+       lightningllm plugins [KIND ...]
+       lightningllm generate EXPORT_DIR --prompt TEXT [--max_new_tokens N --temperature T --top_k K --top_p P]
+
+"""
+
 COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {"plugins": list_plugins, "generate": generate_command}
 
 
@@ -133,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     registry.load_plugins()
     command = COMMANDS.get(args[0]) if args else None
+    if not args or args[0] in ("-h", "--help"):
+        sys.stdout.write(USAGE)
     try:
         command(args[1:]) if command else run_lightning(None if argv is None else args)
     except Exception as err:

@@ -53,7 +53,8 @@ class AttentionMask:
             k_positions: (B or 1, S) absolute positions of the keys.
 
         Returns:
-            (B or 1, 1, T, S) bool, or None when every key is visible.
+            bool, broadcastable to (B, 1, T, S) (a size-1 T when only padding applies), or None when
+            every key is visible.
         """
         if self.is_empty():
             return None

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightningllm.atomic import atomic_directory, atomic_file
 from lightningllm.data.corpus import Document, corpus_fingerprint, load_corpus
 from lightningllm.errors import ConfigError, DataError, TokenizerError
+from lightningllm.hparams import save_hyperparameters
 from lightningllm.tokenizer import META_FILE, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ class TextDataModule(L.LightningDataModule):
         _check_holdout("val_documents", val_documents)
         if test_documents is not None:
             _check_holdout("test_documents", test_documents)
-        self.save_hyperparameters()
+        save_hyperparameters(self, injected=("tokenizer",))
         self.tokenizer = tokenizer
         self.corpus = corpus
         self.data_dir = Path(data_dir)

@@ -14,7 +14,7 @@ from torchmetrics.text import Perplexity
 
 from lightningllm.contracts import Block, aux_loss
 from lightningllm.errors import ConfigError
-from lightningllm.tasks.hparams import save_task_hyperparameters
+from lightningllm.hparams import save_hyperparameters
 from lightningllm.tasks.optim import Schedule, param_groups, warmup_then_decay
 
 IGNORE_INDEX = -100
@@ -47,7 +47,7 @@ class CausalLM(L.LightningModule):
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        save_task_hyperparameters(self)
+        save_hyperparameters(self, injected=("model", "optimizer"))
         self.model = model
         self.optimizer = optimizer
         self.warmup_steps, self.schedule, self.min_lr_ratio = warmup_steps, schedule, min_lr_ratio

@@ -120,3 +120,20 @@ def test_tokenizer_larger_than_model_vocabulary_is_refused(decoder_factory, tmp_
     task = CausalLM(decoder_factory(vocab_size=10))
     with pytest.raises(ConfigError, match="tokenizer has 32 tokens but the model's vocab_size is 10"):
         trainer(tmp_path, max_steps=1).fit(task, datamodule=data)
+
+
+def test_python_checkpoint_with_a_data_module_loads_with_weights_only(decoder_factory, tmp_path):
+    from lightningllm.data import TextDataModule
+    from lightningllm.registry import get
+
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    data = TextDataModule(get("tokenizer", "CharTokenizer")(), corpus=str(tmp_path), seq_len=16,
+                          batch_size=4, data_dir=str(tmp_path / "cache"))  # fmt: skip
+    task = CausalLM(decoder_factory(vocab_size=data.vocab_size))
+    t = trainer(tmp_path, max_steps=2)
+    t.fit(task, datamodule=data)
+    t.save_checkpoint(tmp_path / "last.ckpt")
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert "tokenizer" not in checkpoint["datamodule_hyper_parameters"]
+    assert checkpoint["datamodule_hyper_parameters"]["seq_len"] == 16
