@@ -37,7 +37,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
-from lightningllm.tasks.hparams import save_task_hyperparameters
+from lightningllm.hparams import save_hyperparameters
 from lightningllm.tasks.optim import param_groups
 from torch import Tensor, nn
 
@@ -58,7 +58,7 @@ class MyTask(L.LightningModule):
         super().__init__()
         # Records the config of the injected model and optimizer when built by the CLI, so that
         # MyTask.load_from_checkpoint(path) can rebuild them; from Python they are left out.
-        save_task_hyperparameters(self)
+        save_hyperparameters(self, injected=("model", "optimizer"))
         self.model = model
         self.optimizer = optimizer
 
