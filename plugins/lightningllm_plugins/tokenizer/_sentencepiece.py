@@ -31,7 +31,21 @@ class SentencePieceTokenizer(Tokenizer):
     it decodes as a space. :meth:`encode` therefore spells each ``"▁"`` of the text as its three
     byte pieces, which decode back to ``"▁"``. On texts without ``"▁"`` :meth:`encode` equals
     ``SentencePieceProcessor.encode`` on the saved model. :meth:`decode` writes the control ids
-    (pad, unk, bos, eos) as their names rather than dropping them.
+    (pad, unk, bos, eos) as their names rather than dropping them. Saved as ``tokenizer.model``,
+    readable by ``sentencepiece.SentencePieceProcessor``.
+
+    Not registered: the plugins are its subclasses, which set ``model_type`` and inherit these
+    arguments (jsonargparse reads their ``--help`` from this docstring).
+
+    Args:
+        vocab_size: the largest vocabulary :meth:`train` builds, at least 262 (5 special tokens,
+            256 byte pieces, one character); None: 8000.
+        path: a folder written by :meth:`save`, or a ``.model`` file, to load instead of training.
+        character_coverage: fraction of the training characters that get their own piece; the rest
+            are spelled in bytes.
+        split_digits: split numbers into single digits.
+        max_sentence_length: training lines longer than this many bytes are skipped.
+        num_threads: threads used for training.
     """
 
     lossless = True

@@ -1,38 +1,27 @@
-import math
+"""GLU: Shazeer's (2020) formula for every gate activation, plus the checks shared by its fixed-gate variants."""
+
+import inspect
+from functools import partial
 
 import pytest
 import torch
 
+from lightningllm import registry
 from lightningllm.errors import ConfigError
+from lightningllm_plugins.ffn.geglu import GEGLU
 from lightningllm_plugins.ffn.glu import GLU
+from lightningllm_plugins.ffn.reglu import ReGLU
+from lightningllm_plugins.ffn.swiglu import SwiGLU
 
-# Gate activations written out from their definitions.
-REFERENCE = {
-    "sigmoid": lambda h: 1 / (1 + torch.exp(-h)),
-    "silu": lambda h: h / (1 + torch.exp(-h)),
-    "gelu": lambda h: 0.5 * h * (1 + torch.erf(h / math.sqrt(2))),
-    "gelu_tanh": lambda h: 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3))),
-    "relu": lambda h: torch.where(h > 0, h, torch.zeros_like(h)),
-}
+# The GLU variants of Shazeer (2020) whose gate is fixed: (registered name, class, the GLU activation it fixes).
+FIXED_GATE = [("SwiGLU", SwiGLU, "silu"), ("GEGLU", GEGLU, "gelu"), ("ReGLU", ReGLU, "relu")]
+fixed_gate = pytest.mark.parametrize(("name", "variant", "activation"), FIXED_GATE, ids=[n for n, *_ in FIXED_GATE])
 
 
-def shazeer(glu: GLU, x: torch.Tensor, activation: str) -> torch.Tensor:
-    """FFN_GLU(x, W, V, W2) = (act(xW + b) * (xV + c)) W2 + b2 (Shazeer 2020, eq. 5-6)."""
-
-    def affine(linear, inp):
-        return inp @ linear.weight.T + (linear.bias if linear.bias is not None else 0)
-
-    return affine(glu.down_proj, REFERENCE[activation](affine(glu.gate_proj, x)) * affine(glu.up_proj, x))
-
-
-@pytest.mark.parametrize("activation", sorted(REFERENCE))
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "sigmoid", "silu"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_matches_shazeer_formula(activation, bias):
-    torch.manual_seed(0)
-    glu = GLU(dim=8, hidden_dim=24, dropout=0.0, activation=activation, bias=bias).double()
-    x = torch.randn(2, 5, 8, dtype=torch.float64) * 2
-    torch.testing.assert_close(glu(x), shazeer(glu, x, activation))
-    assert all((p.bias is not None) is bias for p in (glu.gate_proj, glu.up_proj, glu.down_proj))
+def test_matches_shazeer_formula(activation, bias, check_gated_formula):
+    check_gated_formula(partial(GLU, activation=activation), activation, bias)
 
 
 def test_defaults_are_the_original_glu():
@@ -54,14 +43,10 @@ def test_gate_and_up_are_not_interchangeable():
     assert not torch.allclose(glu(x), swapped(x))
 
 
-def test_dropout_only_in_training():
+def test_dropout_only_in_training(check_dropout_only_in_training, reference):
     torch.manual_seed(0)
     glu = GLU(dim=8, hidden_dim=16, dropout=1.0, bias=True)
-    x = torch.randn(2, 3, 8)
-    glu.train()
-    torch.testing.assert_close(glu(x), glu.down_proj.bias.expand(2, 3, 8))
-    glu.eval()
-    torch.testing.assert_close(glu(x), shazeer(glu, x, "sigmoid"))
+    check_dropout_only_in_training(glu, lambda x: reference.gated(glu, x, "sigmoid"))
 
 
 def test_unknown_activation_names_choices():
@@ -69,17 +54,31 @@ def test_unknown_activation_names_choices():
         GLU(dim=4, hidden_dim=8, activation="tanh")
 
 
-def test_it_trains():
-    torch.manual_seed(0)
-    x = torch.randn(64, 8)
-    y = torch.sin(x @ torch.randn(8, 8))
-    glu = GLU(dim=8, hidden_dim=32)
-    opt = torch.optim.Adam(glu.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(60):
-        loss = torch.nn.functional.mse_loss(glu(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+def test_it_trains(train):
+    losses = train(lambda: GLU(dim=8, hidden_dim=32))
     assert losses[-1] < 0.5 * losses[0]
+
+
+@fixed_gate
+def test_fixed_gate_variant_equals_glu(name, variant, activation):
+    torch.manual_seed(0)
+    ffn = variant(dim=8, hidden_dim=16, dropout=0.0)
+    glu = GLU(dim=8, hidden_dim=16, dropout=0.0, activation=activation)
+    glu.load_state_dict(ffn.state_dict())
+    x = torch.randn(2, 3, 8) * 2
+    torch.testing.assert_close(ffn(x), glu(x))
+    assert ffn.activation == activation
+
+
+@fixed_gate
+def test_fixed_gate_variant_activation_is_not_a_knob(name, variant, activation):
+    assert "activation" not in inspect.signature(variant).parameters
+    with pytest.raises(TypeError):
+        variant(dim=8, hidden_dim=16, dropout=0.0, activation="sigmoid")
+
+
+@fixed_gate
+def test_fixed_gate_variant_registered_and_accepts_factory_keywords(name, variant, activation):
+    assert registry.get("ffn", name) is variant
+    ffn = registry.get("ffn", name)(dim=4, hidden_dim=12, dropout=0.1, bias=True)
+    assert ffn.up_proj.bias is not None and ffn.dropout.p == 0.1

@@ -2,10 +2,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
-from lightningllm.mask import AttentionMask
-from lightningllm_plugins.attention.multi_head import MultiHeadAttention
 from lightningllm_plugins.position.alibi import ALiBi
 
 
@@ -70,23 +67,7 @@ def test_slopes_survive_meta_init():
     assert "slopes" not in position.state_dict()
 
 
-def test_it_trains():
-    torch.manual_seed(0)
-    vocab, dim, T = 10, 32, 10
-    embed, head = nn.Embedding(vocab, dim), nn.Linear(dim, vocab)
-    attention = MultiHeadAttention(dim=dim, n_heads=4)
-    position = alibi(4)
-    params = [*embed.parameters(), *head.parameters(), *attention.parameters()]
-    optimizer = torch.optim.Adam(params, lr=1e-2)
-    positions = torch.arange(T)[None]
-    losses = []
-    for _ in range(40):
-        x = torch.randint(vocab, (16, T))
-        h = attention(embed(x), position=position, positions=positions, mask=AttentionMask(causal=True))
-        loss = nn.functional.cross_entropy(head(h)[:, 1:].reshape(-1, vocab), x[:, :-1].reshape(-1))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+def test_it_trains(train_previous_token_copy):
+    losses = train_previous_token_copy(lambda: alibi(4), vocab=10, T=10, steps=40)
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
     assert math.isfinite(losses[-1])

@@ -2,11 +2,8 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from lightningllm.errors import ConfigError
-from lightningllm.mask import AttentionMask
-from lightningllm_plugins.attention.multi_head import MultiHeadAttention
 from lightningllm_plugins.position.rope import RoPE
 
 
@@ -148,23 +145,7 @@ def test_refuses_bad_configs(knobs, head_dim, match):
         rope(head_dim, **knobs)
 
 
-def test_it_trains_previous_token_copy():
+def test_it_trains_previous_token_copy(train_previous_token_copy):
     """One RoPE attention layer learns to copy the previous token (needs relative position)."""
-    torch.manual_seed(0)
-    vocab, dim, T = 12, 32, 12
-    embed, head = nn.Embedding(vocab, dim), nn.Linear(dim, vocab)
-    attention = MultiHeadAttention(dim=dim, n_heads=4, n_kv_heads=4)
-    position = rope(dim // 4)
-    params = [*embed.parameters(), *head.parameters(), *attention.parameters()]
-    optimizer = torch.optim.Adam(params, lr=1e-2)
-    positions = torch.arange(T)[None]
-    losses = []
-    for _ in range(60):
-        x = torch.randint(vocab, (16, T))
-        h = attention(embed(x), position=position, positions=positions, mask=AttentionMask(causal=True))
-        loss = nn.functional.cross_entropy(head(h)[:, 1:].reshape(-1, vocab), x[:, :-1].reshape(-1))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_previous_token_copy(lambda: rope(8), vocab=12, T=12, steps=60)
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5

@@ -64,21 +64,14 @@ def test_vocab_size_caps_to_most_frequent_characters():
     assert tokenizer.encode(rare) == [tokenizer.unk_id]
 
 
-def test_save_load_round_trip(tok, tmp_path):
+def test_save_load_round_trip(tok, tmp_path, check):
     tok.save(tmp_path)
-    text = "".join(CORPUS)
-    loaded = Tokenizer.load(tmp_path)
-    assert type(loaded) is CharTokenizer and loaded.encode(text) == tok.encode(text)
-    by_file = CharTokenizer(path=str(tmp_path / "vocab.json"))
-    assert by_file.encode(text) == tok.encode(text) and by_file.vocab_size == tok.vocab_size
+    check.save_load_round_trip(CharTokenizer, tok, tmp_path, "vocab.json", "".join(CORPUS))
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["class_path"] == "CharTokenizer"
 
 
-def test_bad_inputs(tok, tmp_path):
-    with pytest.raises(TokenizerError, match="not been trained"):
-        CharTokenizer().encode("abc")
-    with pytest.raises(TokenizerError, match="not been trained"):
-        CharTokenizer().save(tmp_path / "x")
+def test_bad_inputs(tok, tmp_path, check):
+    check.refuses_untrained(CharTokenizer, tmp_path)
     with pytest.raises(TokenizerError, match="vocab_size=3"):
         CharTokenizer(vocab_size=3)
     with pytest.raises(TokenizerError, match="no such file"):

@@ -6,23 +6,16 @@ import string
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer as HFTokenizer
 
 from lightningllm.errors import TokenizerError
 from lightningllm.registry import get
 from lightningllm.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 ALNUM = string.ascii_letters + string.digits
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs!\n"
-    "Tokenizers turn text into ids, and subword tokenizers learn which pieces of words are common.\n"
-    "The tokenizer is trained on the text, then the tokenizer encodes the text into fewer tokens.\n\n",
-    "Unicode: héllo wörld — naïve café, emoji 😀🙃, Ελληνικά.\n\tTabs and  double  spaces.",
-    # every letter and digit word-initial and word-internal (so both "x" and "##x" are learnt), every punctuation
-    " ".join(c + c for c in ALNUM) + " " + " ".join(string.punctuation),
-] * 3
+NAME = "WordPiece"
 VOCAB = 400  # about 160 characters with and without ##, then merges
-WordPiece = get("tokenizer", "WordPiece")
+MODEL_FILE = "tokenizer.json"
+WordPiece = get("tokenizer", NAME)
 SAMPLES = ["the quick tokenizer", "Hello, world!", "self.path = path", "<mask> and <eos>", ""]
 
 
@@ -32,30 +25,22 @@ def bert_words(text: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    tokenizer = WordPiece(vocab_size=VOCAB)
-    tokenizer.train(CORPUS)
-    directory = tmp_path_factory.mktemp("wordpiece")
-    tokenizer.save(directory)
-    return tokenizer, directory
+def corpus(english):
+    """The shared English paragraph, Unicode without CJK, and every letter, digit and punctuation mark."""
+    return [
+        english,
+        "Unicode: héllo wörld — naïve café, emoji 😀🙃, Ελληνικά.\n\tTabs and  double  spaces.",
+        # every letter and digit word-initial and word-internal (so both "x" and "##x" are learnt), every punctuation
+        " ".join(c + c for c in ALNUM) + " " + " ".join(string.punctuation),
+    ] * 3
 
 
-@pytest.fixture(scope="module")
-def tok(saved):
-    return saved[0]
-
-
-@pytest.fixture(scope="module")
-def reference(saved):
-    return HFTokenizer.from_file(str(saved[1] / "tokenizer.json"))
-
-
-def test_it_trains_and_compresses(tok, reference):
+def test_it_trains_and_compresses(tok, reference, english):
     assert not tok.lossless
     # the WordPiece trainer may stop a few merges short of vocab_size (documented: "the largest")
     assert len(SPECIAL_TOKENS) + 2 * len(ALNUM) < tok.vocab_size <= VOCAB
     assert tok.vocab_size == reference.get_vocab_size()
-    text = CORPUS[0]  # the English paragraph
+    text = english
     n_chars = len("".join(text.split()))  # what the alphabet alone would need: one token per non-space character
     assert len(tok.encode(text)) < n_chars / 2
 
@@ -66,8 +51,8 @@ def test_special_ids(tok, reference):
     assert tok.encode("<mask>") == [tok.mask_id]
 
 
-def test_encode_matches_tokenizers_library(tok, reference):
-    for text in CORPUS + SAMPLES:
+def test_encode_matches_tokenizers_library(tok, reference, corpus):
+    for text in corpus + SAMPLES:
         assert tok.encode(text) == reference.encode(text).ids
 
 
@@ -92,36 +77,28 @@ def test_what_is_lost(tok):
     assert tok.decode(tok.encode("the § sign")) == "the <unk> sign"  # a word with an unseen character
 
 
-def test_lowercase_knob(tmp_path):
+def test_lowercase_knob(tmp_path, corpus):
     tokenizer = WordPiece(vocab_size=VOCAB, lowercase=True)
-    tokenizer.train(CORPUS)
+    tokenizer.train(corpus)
     assert tokenizer.decode(tokenizer.encode("The QUICK Fox")) == "the quick fox"
     tokenizer.save(tmp_path)
     assert Tokenizer.load(tmp_path).init_args()["lowercase"] is True
 
 
-def test_save_load_round_trip(saved):
-    tok, directory = saved
-    text = "".join(CORPUS + SAMPLES)
-    loaded = Tokenizer.load(directory)
-    assert type(loaded) is WordPiece and loaded.encode(text) == tok.encode(text)
-    by_file = WordPiece(path=str(directory / "tokenizer.json"))
-    assert by_file.encode(text) == tok.encode(text) and by_file.vocab_size == tok.vocab_size
+def test_save_load_round_trip(saved, corpus, check):
+    check.save_load_round_trip(WordPiece, *saved, MODEL_FILE, "".join(corpus + SAMPLES))
 
 
-def test_bad_inputs(tok, tmp_path):
-    with pytest.raises(TokenizerError, match="not been trained"):
-        WordPiece().encode("abc")
-    with pytest.raises(TokenizerError, match="not been trained"):
-        WordPiece().save(tmp_path / "x")
+def test_bad_inputs(tok, tmp_path, corpus, check):
+    check.refuses_untrained(WordPiece, tmp_path)
     with pytest.raises(TokenizerError, match=r"vocab_size=30 is too small.*>= \d+"):
-        WordPiece(vocab_size=30).train(CORPUS)
+        WordPiece(vocab_size=30).train(corpus)
     with pytest.raises(TokenizerError, match="vocab_size=2"):
         WordPiece(vocab_size=2)
     with pytest.raises(TokenizerError, match="no such file"):
         WordPiece(path=str(tmp_path / "missing"))
     bpe = get("tokenizer", "BPE")(vocab_size=200)
-    bpe.train(CORPUS)
+    bpe.train(corpus)
     bpe.save(tmp_path / "bpe")
     with pytest.raises(TokenizerError, match="expected a WordPiece model"):
         WordPiece(path=str(tmp_path / "bpe"))
