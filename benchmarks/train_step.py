@@ -124,7 +124,7 @@ def lightning_loop(args: argparse.Namespace) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default in [("vocab_size", 256), ("dim", 256), ("n_layers", 4), ("n_heads", 4), ("seq_len", 256),
-                          ("batch_size", 16), ("warmup", 3), ("steps", 30), ("rounds", 6)]:  # fmt: skip
+                          ("batch_size", 16), ("warmup", 3), ("steps", 15), ("rounds", 12)]:  # fmt: skip
         parser.add_argument(f"--{name}", type=int, default=default)
     args = parser.parse_args()
     plain, light = [], []
