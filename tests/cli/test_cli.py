@@ -196,3 +196,16 @@ def test_logs_go_to_a_csv_logger_by_default(tmp_path, capsys):
         main(["fit", "--config", str(tmp_path / "nolog.yaml"), "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.CSVLogger"
+
+
+@pytest.mark.parametrize("fragment", sorted(str(p) for p in Path("configs/model").glob("*.yaml")))
+def test_every_model_fragment_composes_after_a_stage_config(fragment, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "configs/pretrain/shakespeare-char.yaml", "--config", fragment, "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["model"]["init_args"]
+    expected = yaml.safe_load(Path(fragment).read_text())["model"]["init_args"]["model"]["init_args"]
+    assert {k: printed[k] for k in ("dim", "n_layers", "n_heads")} == {
+        k: expected[k] for k in ("dim", "n_layers", "n_heads")
+    }
+    assert printed["ffn"]["class_path"].endswith(expected["ffn"]["class_path"])
