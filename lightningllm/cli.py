@@ -143,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.stdout.write(USAGE)
     try:
         command(args[1:]) if command else run_lightning(None if argv is None else args)
+    except BrokenPipeError:  # `lightningllm plugins | head`: the reader left, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except Exception as err:
         user_error = _user_error(err)
         if user_error is None or os.environ.get("LIGHTNINGLLM_TRACEBACK"):
