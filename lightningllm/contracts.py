@@ -44,6 +44,11 @@ class Position(nn.Module):
     def check_length(self, length: int) -> None:
         """Raise :class:`~lightningllm.errors.ConfigError` if ``length`` positions cannot be encoded."""
 
+    @property
+    def adds_bias(self) -> bool:
+        """Whether this plugin overrides :meth:`bias` (attention that never forms scores cannot honour it)."""
+        return type(self).bias is not Position.bias
+
 
 class PositionFactory(Protocol):
     def __call__(self, *, dim: int, n_heads: int, head_dim: int, max_seq_len: int) -> Position: ...
@@ -76,6 +81,13 @@ class Attention(nn.Module):
     def make_cache(self, batch_size: int, max_len: int, **tensor_kwargs) -> KVCache:
         """A cache for decoding ``max_len`` positions."""
         raise NotImplementedError
+
+    def check_compatible(self, position: Position) -> None:
+        """Raise :class:`~lightningllm.errors.ConfigError` with the reason if the math forbids ``position``.
+
+        The model calls it once at build time, so an impossible pairing (for example a score bias
+        with attention that never forms scores) is refused before any training starts.
+        """
 
 
 class AttentionFactory(Protocol):

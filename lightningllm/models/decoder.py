@@ -99,6 +99,8 @@ class Decoder(nn.Module):
             )
             for _ in range(n_layers)
         )
+        for blk in self.blocks:
+            blk.attention.check_compatible(self.position)
         self.norm = norm(dim=dim) if self.block_class.final_norm else nn.Identity()
         self.lm_head = nn.Linear(dim, vocab_size, bias=False)
         if tie_embeddings:
