@@ -1,5 +1,5 @@
 """Models assembled from plugins."""
 
-from lightningllm.models.decoder import Decoder
+from lightningllm.models.decoder import Decoder, LayerOverride
 
-__all__ = ["Decoder"]
+__all__ = ["Decoder", "LayerOverride"]

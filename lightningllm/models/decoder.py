@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,6 +21,22 @@ from lightningllm.contracts import (
 )
 from lightningllm.errors import ConfigError
 from lightningllm.mask import AttentionMask
+
+
+@dataclass
+class LayerOverride:
+    """Other plugins for some layers: mixture-of-experts on every other layer, local attention on some.
+
+    Args:
+        layers: 0-based indices of the layers it applies to; a later override wins on a shared layer.
+        attention: replaces the model's attention factory on those layers.
+        ffn: replaces the model's feed-forward factory on those layers.
+    """
+
+    layers: list[int]
+    attention: AttentionFactory | None = None
+    ffn: FeedForwardFactory | None = None
+
 
 SLOTS = {"attention": "attention", "ffn": "ffn", "norm": "norm", "position": "position", "block": "block"}
 RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
@@ -47,6 +64,7 @@ class Decoder(nn.Module):
         scale_logits: multiply logits by 1/sqrt(dim).
         init_std: std of the normal initialisation; residual output projections
             (``o_proj``, ``down_proj``) get ``init_std / sqrt(2 * n_layers)`` (GPT-2).
+        overrides: other attention or feed-forward plugins for some layers.
     """
 
     def __init__(
@@ -68,12 +86,15 @@ class Decoder(nn.Module):
         tie_embeddings: bool = True,
         scale_logits: bool = False,
         init_std: float = 0.02,
+        overrides: list[LayerOverride] | None = None,
     ) -> None:
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
         _check_shapes(vocab_size, dim, n_layers, n_heads, n_kv_heads)
         hidden_dim = hidden_dim or 4 * dim
         _check_knobs_are_not_structural(attention=attention, ffn=ffn, norm=norm, position=position, block=block)
+        overrides = [_as_override(o) for o in overrides or []]
+        _check_overrides(overrides, n_layers)
         self.config = {
             "vocab_size": vocab_size, "dim": dim, "n_layers": n_layers, "n_heads": n_heads,
             "attention": spec_of(attention), "ffn": spec_of(ffn), "norm": spec_of(norm),
@@ -81,6 +102,7 @@ class Decoder(nn.Module):
             "hidden_dim": hidden_dim, "max_seq_len": max_seq_len, "dropout": dropout,
             "attention_dropout": attention_dropout, "tie_embeddings": tie_embeddings,
             "scale_logits": scale_logits, "init_std": init_std,
+            "overrides": [_override_spec(o) for o in overrides],
         }  # fmt: skip
         self.vocab_size, self.dim, self.n_layers, self.max_seq_len = vocab_size, dim, n_layers, max_seq_len
         self.init_std = init_std
@@ -89,15 +111,16 @@ class Decoder(nn.Module):
         self.embed = nn.Embedding(vocab_size, dim)
         self.position = position(dim=dim, n_heads=n_heads, head_dim=dim // n_heads, max_seq_len=max_seq_len)
         self.dropout = nn.Dropout(dropout)
+        factories = [_layer_factories(i, attention, ffn, overrides) for i in range(n_layers)]
         self.blocks = nn.ModuleList(
             block(
-                attention=attention(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, dropout=attention_dropout),
-                ffn=ffn(dim=dim, hidden_dim=hidden_dim, dropout=dropout),
+                attention=layer_attention(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, dropout=attention_dropout),
+                ffn=layer_ffn(dim=dim, hidden_dim=hidden_dim, dropout=dropout),
                 norm_1=norm(dim=dim),
                 norm_2=norm(dim=dim),
                 dropout=dropout,
             )
-            for _ in range(n_layers)
+            for layer_attention, layer_ffn in factories
         )
         for blk in self.blocks:
             blk.attention.check_compatible(self.position)
@@ -113,6 +136,7 @@ class Decoder(nn.Module):
         kwargs = dict(config)
         for slot, kind in SLOTS.items():
             kwargs[slot] = factory_of(kwargs[slot], kind)
+        kwargs["overrides"] = [_as_override(o) for o in kwargs.get("overrides") or []]
         return cls(**kwargs)
 
     def reset_parameters(self) -> None:
@@ -181,6 +205,40 @@ class Decoder(nn.Module):
     def block_class(self) -> type[Block]:
         """The layout class of the blocks: the FSDP auto-wrap and checkpointing unit."""
         return type(self.blocks[0])
+
+
+def _as_override(override: LayerOverride | dict[str, Any]) -> LayerOverride:
+    """A LayerOverride from itself or from its config form (plugin specs as dicts)."""
+    if isinstance(override, LayerOverride):
+        return override
+    specs = {slot: override.get(slot) for slot in ("attention", "ffn")}
+    factories = {slot: factory_of(spec, slot) for slot, spec in specs.items() if spec is not None}
+    return LayerOverride(layers=list(override["layers"]), **factories)
+
+
+def _override_spec(override: LayerOverride) -> dict[str, Any]:
+    slots = {slot: getattr(override, slot) for slot in ("attention", "ffn")}
+    return {"layers": list(override.layers), **{s: spec_of(f) for s, f in slots.items() if f is not None}}
+
+
+def _layer_factories(layer: int, attention, ffn, overrides: list[LayerOverride]) -> tuple:
+    for override in overrides:
+        if layer in override.layers:
+            attention = override.attention or attention
+            ffn = override.ffn or ffn
+    return attention, ffn
+
+
+def _check_overrides(overrides: list[LayerOverride], n_layers: int) -> None:
+    for override in overrides:
+        bad = [i for i in override.layers if not 0 <= i < n_layers]
+        if bad or not override.layers:
+            raise ConfigError(
+                f"A layer override names layers {override.layers}, but the model has layers 0..{n_layers - 1}: "
+                "give a non-empty list of 0-based layer indices below n_layers."
+            )
+        slots = {slot: getattr(override, slot) for slot in ("attention", "ffn") if getattr(override, slot)}
+        _check_knobs_are_not_structural(**slots)
 
 
 STRUCTURAL = {

@@ -209,3 +209,10 @@ def test_every_model_fragment_composes_after_a_stage_config(fragment, capsys):
         k: expected[k] for k in ("dim", "n_layers", "n_heads")
     }
     assert printed["ffn"]["class_path"].endswith(expected["ffn"]["class_path"])
+
+
+def test_per_layer_override_from_yaml(tmp_path):
+    overrides = [{"layers": [1], "ffn": {"class_path": "SwiGLU"}}]
+    main(["fit", "--config", str(write_run(tmp_path, overrides=overrides)), "--trainer.max_steps=2"])
+    config = yaml.safe_load((tmp_path / "export" / "config.yaml").read_text())["init_args"]
+    assert config["overrides"] == [{"layers": [1], "ffn": {"class_path": "SwiGLU", "init_args": {"bias": False}}}]

@@ -124,3 +124,32 @@ def test_structural_keys_in_plugin_knobs_are_refused(decoder_factory):
 
     with pytest.raises(ConfigError, match="n_kv_heads.*Set n_kv_heads on the model"):
         decoder_factory(attention=partial(get("attention", "MultiHeadAttention"), n_kv_heads=2))
+
+
+def test_layer_overrides_swap_plugins_on_chosen_layers(decoder_factory, tmp_path):
+    from functools import partial
+
+    from lightningllm.io import export, load
+    from lightningllm.models import LayerOverride
+    from lightningllm.registry import get
+
+    overrides = [
+        LayerOverride(layers=[1, 3], ffn=get("ffn", "SwiGLU")),
+        LayerOverride(layers=[3], attention=partial(get("attention", "MultiHeadAttention"), qk_norm=True)),
+    ]
+    model = decoder_factory(n_layers=4, overrides=overrides)
+    assert [type(b.ffn).__name__ for b in model.blocks] == ["MLP", "SwiGLU", "MLP", "SwiGLU"]
+    assert [b.attention.q_norm is not None for b in model.blocks] == [False, False, False, True]
+    export(model, tmp_path / "export")
+    loaded, _ = load(tmp_path / "export")
+    ids = torch.randint(0, 50, (1, 7))
+    torch.testing.assert_close(loaded(ids), model.eval()(ids))
+    assert loaded.config["overrides"] == model.config["overrides"]
+
+
+def test_override_of_a_missing_layer_is_refused(decoder_factory):
+    from lightningllm.models import LayerOverride
+    from lightningllm.registry import get
+
+    with pytest.raises(ConfigError, match=r"layers \[2\].*0\.\.1"):
+        decoder_factory(n_layers=2, overrides=[LayerOverride(layers=[2], ffn=get("ffn", "SwiGLU"))])
