@@ -111,8 +111,9 @@ class LinearAttention(Attention):
     Positions: RoPE-style ``position.rotate`` is applied to q and k *before* the feature map (so the
     score no longer depends on the relative offset alone, as it does under softmax; this is the
     simple, commonly used choice). An additive score bias (``position.bias``, e.g. ALiBi) cannot be
-    expressed, since the scores are never formed; it is refused with ConfigError, as are the mask's
-    ``window``, ``document_ids`` and ``prefix_lengths`` (not supported yet).
+    expressed, since the scores are never formed; it is refused with ConfigError when the model is
+    built (:meth:`check_compatible`) and again in ``forward``. The mask's ``window``, ``document_ids``
+    and ``prefix_lengths`` are refused with ConfigError too (not supported yet).
 
     Grouped-query attention: query head ``h`` reads key/value head ``h // (n_heads // n_kv_heads)``; the
     sums are kept once per key/value head and shared by its query group (same result as expanding
@@ -224,6 +225,16 @@ class LinearAttention(Attention):
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * hd)
         return self.o_proj(y)
 
+    def check_compatible(self, position: Position) -> None:
+        """Refuse a position plugin with a score bias (ALiBi): linear attention never forms the scores.
+
+        Args:
+            position: the model's positional plugin; probed with one position on its own device.
+        """
+        tensor = next(iter(position.buffers()), next(iter(position.parameters()), None))
+        device = tensor.device if tensor is not None else None
+        _check_position(position, torch.zeros(1, 1, dtype=torch.long, device=device))
+
     def _keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x: (B, S, dim) -> keys, values (B, Hkv, S, hd)."""
         B, S, _ = x.shape
@@ -276,7 +287,7 @@ class LinearAttention(Attention):
         den = den + scores.sum(dim=-1)
 
         y = num / (den[..., None] + self.eps)  # (B, Hkv, G, N, C, hd)
-        return y.view(B, Hkv, G, N * C, hd)[:, :, :, :T]  # (B, Hkv, G, T, hd)
+        return y.reshape(B, Hkv, G, N * C, hd)[:, :, :, :T]  # (B, Hkv, G, T, hd)
 
     def make_cache(self, batch_size: int, max_len: int, **tensor_kwargs) -> LinearAttentionState:
         """Empty running sums (constant size, whatever ``max_len``).

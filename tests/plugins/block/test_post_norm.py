@@ -60,10 +60,11 @@ def test_it_trains(parts, attention_kwargs, train):
 def test_decoder_adds_no_final_norm_after_post_norm_blocks():
     from torch import nn
 
+    from lightningllm.contracts import Attention
     from lightningllm.models import Decoder
     from lightningllm.registry import get
 
-    class Identity(nn.Module):
+    class Identity(Attention):
         def __init__(self, **kwargs):
             super().__init__()
 
