@@ -194,3 +194,21 @@ def aux_loss(model: nn.Module) -> Tensor | float:
     """Sum of the auxiliary losses the last forward pass left on ``model``'s sub-modules."""
     losses: Iterable[Tensor] = (m.aux_loss for m in model.modules() if getattr(m, "aux_loss", None) is not None)
     return sum(losses, 0.0)
+
+
+def module_metrics(model: nn.Module) -> dict[str, Tensor]:
+    """Mean over sub-modules of what each one's ``metrics()`` says about its last forward.
+
+    A plugin that has something worth logging (a mixture-of-experts layer's per-expert load)
+    defines ``metrics() -> dict[str, Tensor]``; tasks log the result under ``train/``.
+    """
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        report = getattr(module, "metrics", None)
+        if module is model or not callable(report):
+            continue
+        for key, value in report().items():
+            sums[key] = sums.get(key, 0.0) + value
+            counts[key] = counts.get(key, 0) + 1
+    return {key: total / counts[key] for key, total in sums.items()}

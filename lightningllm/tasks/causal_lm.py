@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 from torchmetrics.text import Perplexity
 
-from lightningllm.contracts import Block, aux_loss
+from lightningllm.contracts import Block, aux_loss, module_metrics
 from lightningllm.errors import ConfigError
 from lightningllm.hparams import save_hyperparameters
 from lightningllm.tasks.optim import Schedule, param_groups, warmup_then_decay
@@ -83,6 +83,7 @@ class CausalLM(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor] | Tensor, batch_idx: int) -> Tensor:
         loss, _, labels = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({f"train/{key}": value for key, value in module_metrics(self.model).items()})
         self._log_throughput(labels.numel())
         return loss
 

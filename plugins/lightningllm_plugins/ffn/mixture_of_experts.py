@@ -127,6 +127,13 @@ class MixtureOfExperts(FeedForward):
         std = math.sqrt(0.1 / self.router.in_features)
         nn.init.trunc_normal_(self.router.weight, std=std, a=-2 * std, b=2 * std)
 
+    def metrics(self) -> dict[str, Tensor]:
+        """What the last forward routed: each expert's share of the assignments and the dropped fraction."""
+        if self.last_expert_load is None:
+            return {}
+        load = {f"expert_load/{e}": share for e, share in enumerate(self.last_expert_load)}
+        return {**load, "dropped_fraction": self.last_dropped_fraction}
+
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, T, dim) -> (B, T, dim); sets ``aux_loss``, ``last_expert_load`` and ``last_dropped_fraction``."""
         B, T, dim = x.shape

@@ -230,3 +230,27 @@ def test_trains_in_a_decoder_and_causal_lm_adds_the_aux_loss(decoder_factory):
     torch.testing.assert_close(loss, cross_entropy + extra)
     expected_layers = [b.ffn.aux_loss for b in model.blocks]
     torch.testing.assert_close(extra, sum(expected_layers))
+
+
+def test_per_expert_load_is_logged_by_the_task(decoder_factory, tmp_path):
+    from functools import partial
+
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lightningllm.contracts import module_metrics
+    from lightningllm.registry import get
+    from lightningllm.tasks import CausalLM
+
+    torch.manual_seed(0)
+    model = decoder_factory(vocab_size=16, ffn=partial(get("ffn", "MixtureOfExperts"), n_experts=4, top_k=2))
+    model(torch.randint(0, 16, (2, 9)))
+    layer_loads = [b.ffn.last_expert_load for b in model.blocks]
+    metrics = module_metrics(model)
+    for e in range(4):
+        assert torch.allclose(metrics[f"expert_load/{e}"], sum(load[e] for load in layer_loads) / len(layer_loads))
+    task = CausalLM(model)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(task, DataLoader(torch.randint(0, 16, (8, 17)), batch_size=4))
+    assert {f"train/expert_load/{e}" for e in range(4)} | {"train/dropped_fraction"} <= set(trainer.logged_metrics)
