@@ -137,7 +137,7 @@ class MultiHeadAttention(Attention):
             if mask.padding is None:
                 return None, False, None
             allowed = AttentionMask(causal=False, padding=mask.padding).allowed(positions, positions)
-            return _guarded(allowed, None, q.dtype)
+            return guarded_sdpa_mask(allowed, None, q.dtype)
         if T == S:  # no past keys: the keys are the queries' own tokens (packed positions included)
             k_positions = positions
         else:  # S - T cached keys precede the new ones at consecutive positions
@@ -148,7 +148,7 @@ class MultiHeadAttention(Attention):
                 return None, True, None
             if T == 1:  # one new token sees every cached key
                 return None, False, None
-        return _guarded(mask.allowed(positions, k_positions), bias, q.dtype)
+        return guarded_sdpa_mask(mask.allowed(positions, k_positions), bias, q.dtype)
 
     def make_cache(self, batch_size: int, max_len: int, **tensor_kwargs) -> KVCache:
         """An empty cache of ``n_kv_heads`` keys/values for ``max_len`` positions.
@@ -161,7 +161,7 @@ class MultiHeadAttention(Attention):
         return KVCache(batch_size, self.n_kv_heads, max_len, self.head_dim, **tensor_kwargs)
 
 
-def _guarded(
+def guarded_sdpa_mask(
     allowed: Tensor | None, bias: Tensor | None, dtype: torch.dtype
 ) -> tuple[Tensor | None, bool, Tensor | None]:
     """Combine the boolean mask and the bias; rows without any allowed key attend everywhere (zeroed later)."""
