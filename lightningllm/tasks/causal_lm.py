@@ -47,6 +47,12 @@ class CausalLM(L.LightningModule):
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        if not getattr(model, "causal", True):
+            raise ConfigError(
+                f"CausalLM needs a causal model, but {type(model).__name__} attends bidirectionally: every "
+                "position would see the token it is asked to predict. Use a Decoder, or train this model "
+                "with MaskedLM."
+            )
         save_hyperparameters(self, injected=("model", "optimizer"))
         self.model = model
         self.optimizer = optimizer

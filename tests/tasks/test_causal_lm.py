@@ -137,3 +137,15 @@ def test_python_checkpoint_with_a_data_module_loads_with_weights_only(decoder_fa
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert "tokenizer" not in checkpoint["datamodule_hyper_parameters"]
     assert checkpoint["datamodule_hyper_parameters"]["seq_len"] == 16
+
+
+def test_bidirectional_model_is_refused():
+    from lightningllm.errors import ConfigError
+    from lightningllm.models import Encoder
+    from lightningllm.registry import get
+
+    encoder = Encoder(vocab_size=20, dim=16, n_layers=1, n_heads=2, attention=get("attention", "MultiHeadAttention"),
+                      ffn=get("ffn", "MLP"), norm=get("norm", "LayerNorm"), position=get("position", "NoPosition"),
+                      block=get("block", "PreNorm"))  # fmt: skip
+    with pytest.raises(ConfigError, match="Encoder attends bidirectionally"):
+        CausalLM(encoder)

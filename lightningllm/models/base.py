@@ -1,0 +1,229 @@
+"""What every transformer stack shares: checks, config, embedding, blocks, final norm and initialisation.
+
+:class:`~lightningllm.models.Decoder` and :class:`~lightningllm.models.Encoder` add their own
+inputs and heads on top of :class:`TransformerStack`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from lightningllm.cache import KVCache
+from lightningllm.config import factory_of, spec_of
+from lightningllm.contracts import (
+    AttentionFactory,
+    Block,
+    BlockFactory,
+    FeedForwardFactory,
+    NormFactory,
+    PositionFactory,
+)
+from lightningllm.errors import ConfigError
+from lightningllm.mask import AttentionMask
+
+
+@dataclass
+class LayerOverride:
+    """Other plugins for some layers: mixture-of-experts on every other layer, local attention on some.
+
+    Args:
+        layers: 0-based indices of the layers it applies to; a later override wins on a shared layer.
+        attention: replaces the model's attention factory on those layers.
+        ffn: replaces the model's feed-forward factory on those layers.
+    """
+
+    layers: list[int]
+    attention: AttentionFactory | None = None
+    ffn: FeedForwardFactory | None = None
+
+
+SLOTS = {"attention": "attention", "ffn": "ffn", "norm": "norm", "position": "position", "block": "block"}
+RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
+
+
+class TransformerStack(nn.Module):
+    """Token embedding, positional plugin, ``n_layers`` blocks and the final norm; no head.
+
+    A subclass passes its own knobs in ``extra_config`` (recorded in :attr:`config`, so
+    :meth:`from_config` rebuilds it) and builds its inputs and head after calling this
+    ``__init__``, then calls :meth:`reset_parameters`. Arguments as in
+    :class:`~lightningllm.models.Decoder`.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        n_layers: int,
+        n_heads: int,
+        attention: AttentionFactory,
+        ffn: FeedForwardFactory,
+        norm: NormFactory,
+        position: PositionFactory,
+        block: BlockFactory,
+        n_kv_heads: int | None,
+        hidden_dim: int | None,
+        max_seq_len: int,
+        dropout: float,
+        attention_dropout: float,
+        tie_embeddings: bool,
+        init_std: float,
+        overrides: list[LayerOverride] | None,
+        extra_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        model = type(self).__name__
+        n_kv_heads = n_kv_heads or n_heads
+        _check_shapes(vocab_size, dim, n_layers, n_heads, n_kv_heads)
+        hidden_dim = hidden_dim or 4 * dim
+        factories = {"attention": attention, "ffn": ffn, "norm": norm, "position": position, "block": block}
+        _check_knobs_are_not_structural(model, **factories)
+        overrides = [_as_override(o) for o in overrides or []]
+        _check_overrides(model, overrides, n_layers)
+        self.config = {
+            "vocab_size": vocab_size, "dim": dim, "n_layers": n_layers, "n_heads": n_heads,
+            **{slot: spec_of(factory) for slot, factory in factories.items()}, "n_kv_heads": n_kv_heads,
+            "hidden_dim": hidden_dim, "max_seq_len": max_seq_len, "dropout": dropout,
+            "attention_dropout": attention_dropout, "tie_embeddings": tie_embeddings, **(extra_config or {}),
+            "init_std": init_std, "overrides": [_override_spec(o) for o in overrides],
+        }  # fmt: skip
+        self.vocab_size, self.dim, self.n_layers, self.max_seq_len = vocab_size, dim, n_layers, max_seq_len
+        self.init_std = init_std
+
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.position = position(dim=dim, n_heads=n_heads, head_dim=dim // n_heads, max_seq_len=max_seq_len)
+        self.dropout = nn.Dropout(dropout)
+        layers = [_layer_factories(i, attention, ffn, overrides) for i in range(n_layers)]
+        self.blocks = nn.ModuleList(
+            block(
+                attention=layer_attention(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, dropout=attention_dropout),
+                ffn=layer_ffn(dim=dim, hidden_dim=hidden_dim, dropout=dropout),
+                norm_1=norm(dim=dim),
+                norm_2=norm(dim=dim),
+                dropout=dropout,
+            )
+            for layer_attention, layer_ffn in layers
+        )
+        for blk in self.blocks:
+            blk.attention.check_compatible(self.position)
+        self.norm = norm(dim=dim) if self.block_class.final_norm else nn.Identity()
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TransformerStack:
+        """Rebuild from :attr:`config` (plugin specs as ``{class_path, init_args}``)."""
+        kwargs = dict(config)
+        for slot, kind in SLOTS.items():
+            kwargs[slot] = factory_of(kwargs[slot], kind)
+        kwargs["overrides"] = [_as_override(o) for o in kwargs.get("overrides") or []]
+        return cls(**kwargs)
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) linears and embeddings, scaled residual outputs, plugins' own rules."""
+        residual_std = self.init_std / math.sqrt(2 * self.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                std = residual_std if name.rsplit(".", 1)[-1] in RESIDUAL_OUTPUTS else self.init_std
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        # then each plugin's own rule, which may override the defaults above for its own parameters
+        for module in self.modules():
+            if module is not self and not isinstance(module, (nn.Linear, nn.Embedding)):
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+
+    def run_blocks(
+        self, x: Tensor, *, positions: Tensor, mask: AttentionMask, cache: list[KVCache] | None = None
+    ) -> Tensor:
+        """Embedded tokens x: (B, T, dim) -> every block, then the final norm -> (B, T, dim).
+
+        Args:
+            positions: (B or 1, T) absolute positions of ``x``.
+            mask: which keys each query may see.
+            cache: one cache per block, filled in place.
+        """
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, position=self.position, positions=positions, mask=mask, cache=cache[i] if cache else None)
+        return self.norm(x)
+
+    @property
+    def block_class(self) -> type[Block]:
+        """The layout class of the blocks: the FSDP auto-wrap and checkpointing unit."""
+        return type(self.blocks[0])
+
+
+def _as_override(override: LayerOverride | dict[str, Any]) -> LayerOverride:
+    """A LayerOverride from itself or from its config form (plugin specs as dicts)."""
+    if isinstance(override, LayerOverride):
+        return override
+    specs = {slot: override.get(slot) for slot in ("attention", "ffn")}
+    factories = {slot: factory_of(spec, slot) for slot, spec in specs.items() if spec is not None}
+    return LayerOverride(layers=list(override["layers"]), **factories)
+
+
+def _override_spec(override: LayerOverride) -> dict[str, Any]:
+    slots = {slot: getattr(override, slot) for slot in ("attention", "ffn")}
+    return {"layers": list(override.layers), **{s: spec_of(f) for s, f in slots.items() if f is not None}}
+
+
+def _layer_factories(layer: int, attention, ffn, overrides: list[LayerOverride]) -> tuple:
+    for override in overrides:
+        if layer in override.layers:
+            attention = override.attention or attention
+            ffn = override.ffn or ffn
+    return attention, ffn
+
+
+def _check_overrides(model: str, overrides: list[LayerOverride], n_layers: int) -> None:
+    for override in overrides:
+        bad = [i for i in override.layers if not 0 <= i < n_layers]
+        if bad or not override.layers:
+            raise ConfigError(
+                f"A layer override names layers {override.layers}, but the model has layers 0..{n_layers - 1}: "
+                "give a non-empty list of 0-based layer indices below n_layers."
+            )
+        slots = {slot: getattr(override, slot) for slot in ("attention", "ffn") if getattr(override, slot)}
+        _check_knobs_are_not_structural(model, **slots)
+
+
+STRUCTURAL = {
+    "attention": ("dim", "n_heads", "n_kv_heads", "dropout"),
+    "ffn": ("dim", "hidden_dim", "dropout"),
+    "norm": ("dim",),
+    "position": ("dim", "n_heads", "head_dim", "max_seq_len"),
+    "block": ("attention", "ffn", "norm_1", "norm_2", "dropout"),
+}
+
+
+def _check_knobs_are_not_structural(model: str, **factories) -> None:
+    """The model passes structural sizes itself; the same key among a plugin's knobs would be silently lost."""
+    for slot, factory in factories.items():
+        clash = sorted(set(spec_of(factory)["init_args"]) & set(STRUCTURAL[slot]))
+        if clash:
+            raise ConfigError(
+                f"{slot} init_args set {', '.join(clash)}, which the model passes to every {slot} plugin itself. "
+                f"Set {', '.join(clash)} on the model ({model}) instead; a plugin's init_args carry only its own "
+                f"knobs (structural keys of {slot}: {', '.join(STRUCTURAL[slot])})."
+            )
+
+
+def _check_shapes(vocab_size: int, dim: int, n_layers: int, n_heads: int, n_kv_heads: int) -> None:
+    for name, value in {"vocab_size": vocab_size, "dim": dim, "n_layers": n_layers, "n_heads": n_heads,
+                        "n_kv_heads": n_kv_heads}.items():  # fmt: skip
+        if value < 1:
+            raise ConfigError(f"{name}={value} must be a positive integer.")
+    if dim % n_heads:
+        raise ConfigError(
+            f"dim={dim} is not divisible by n_heads={n_heads}: each head needs an equal share of the width. "
+            f"Choose n_heads among the divisors of {dim}."
+        )
+    if n_heads % n_kv_heads:
+        raise ConfigError(
+            f"n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}: grouped-query attention shares "
+            f"each key/value head among an equal number of query heads. Choose n_kv_heads among the divisors "
+            f"of {n_heads} (1 = MQA, {n_heads} = MHA)."
+        )
