@@ -14,9 +14,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
+import torch
 from torch import Tensor, nn
 
 from lightningllm.cache import KVCache
+from lightningllm.errors import ConfigError
 from lightningllm.mask import AttentionMask
 
 
@@ -128,26 +130,87 @@ class Block(nn.Module):
     adds no norm after the last block. A layout that uses one norm for both branches may
     set ``norm_2`` to None so no parameter goes unused (DDP requires that).
 
+    A layout sends each branch through :meth:`attend` and :meth:`feed_forward`, which apply
+    the residual options every layout shares, in this order::
+
+        branch output -> dropout -> * layer scale (per channel) -> drop path -> residual add
+
+    Stochastic depth: Huang et al. (2016), "Deep Networks with Stochastic Depth" (per-sample
+    "drop path" as in timm). Layer scale: Touvron et al. (2021), "Going deeper with Image
+    Transformers" (CaiT), section 2.
+
     Args:
         attention, ffn, norm_1, norm_2: built children.
         dropout: residual dropout on each branch's output.
+        dim: model width; the model passes it (needed only by ``layer_scale``).
+        drop_path: stochastic depth: in training, each branch's output is dropped for a whole
+            sample (batch row) with this probability and scaled by ``1/(1 - drop_path)`` when kept;
+            each branch draws independently. In [0, 1); 0 turns it off.
+        layer_scale: multiply each branch's output by its own learnable per-channel vector
+            initialised to this value (CaiT uses 0.1 to 1e-6, smaller for deeper models);
+            ``None`` turns it off.
     """
 
     final_norm: bool = True
 
-    def __init__(self, attention: Attention, ffn: FeedForward, norm_1: Norm, norm_2: Norm, dropout: float = 0.0):
+    def __init__(
+        self,
+        attention: Attention,
+        ffn: FeedForward,
+        norm_1: Norm,
+        norm_2: Norm,
+        dropout: float = 0.0,
+        *,
+        dim: int | None = None,
+        drop_path: float = 0.0,
+        layer_scale: float | None = None,
+    ):
         super().__init__()
+        self._check_residual_options(type(self).__name__, dim, drop_path, layer_scale)
         self.attention = attention
         self.ffn = ffn
         self.norm_1 = norm_1
         self.norm_2 = norm_2
         self.dropout = nn.Dropout(dropout)
+        self.drop_path, self.layer_scale = drop_path, layer_scale
+        if layer_scale is None:
+            self.register_parameter("attention_scale", None)
+            self.register_parameter("ffn_scale", None)
+        else:
+            self.attention_scale = nn.Parameter(torch.full((dim,), float(layer_scale)))  # (dim,)
+            self.ffn_scale = nn.Parameter(torch.full((dim,), float(layer_scale)))  # (dim,)
+
+    def reset_parameters(self) -> None:
+        """Refill the layer-scale vectors with their initial value (children reset themselves)."""
+        if self.layer_scale is not None:
+            with torch.no_grad():
+                self.attention_scale.fill_(self.layer_scale)
+                self.ffn_scale.fill_(self.layer_scale)
 
     def attend(self, x: Tensor, **attention_kwargs) -> Tensor:
-        return self.dropout(self.attention(x, **attention_kwargs))
+        """The attention branch, ready to add to the residual stream. x: (B, T, dim) -> (B, T, dim)."""
+        return self.residual(self.attention(x, **attention_kwargs), self.attention_scale)
 
     def feed_forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.ffn(x))
+        """The feed-forward branch, ready to add to the residual stream. x: (B, T, dim) -> (B, T, dim)."""
+        return self.residual(self.ffn(x), self.ffn_scale)
+
+    def residual(self, branch: Tensor, scale: Tensor | None = None) -> Tensor:
+        """``drop_path(scale * dropout(branch))``. branch: (B, T, dim) -> (B, T, dim).
+
+        Args:
+            branch: a branch's output.
+            scale: (dim,) per-channel scale, or None.
+        """
+        branch = self.dropout(branch)
+        if scale is not None:
+            branch = branch * scale
+        if self.training and self.drop_path > 0:
+            keep = 1.0 - self.drop_path
+            # one draw per sample, broadcast over the other dimensions: (B, 1, 1)
+            kept = branch.new_empty((branch.shape[0],) + (1,) * (branch.ndim - 1)).bernoulli_(keep)
+            branch = branch * kept.div_(keep)
+        return branch
 
     def forward(
         self,
@@ -161,10 +224,34 @@ class Block(nn.Module):
         """x: (B, T, dim) -> (B, T, dim); keyword arguments as in :meth:`Attention.forward`."""
         raise NotImplementedError
 
+    def extra_repr(self) -> str:
+        options = {"drop_path": self.drop_path, "layer_scale": self.layer_scale}
+        return ", ".join(f"{k}={v}" for k, v in options.items() if v)
+
+    @staticmethod
+    def _check_residual_options(layout: str, dim: int | None, drop_path: float, layer_scale: float | None) -> None:
+        if not 0.0 <= drop_path < 1.0:
+            raise ConfigError(
+                f"{layout} got drop_path={drop_path}: it is the probability of dropping a residual branch for a "
+                "sample in training, so it must lie in [0, 1) (0 turns stochastic depth off; 1 would drop "
+                "every branch always). Typical values are 0.0 to 0.2."
+            )
+        if layer_scale is not None and not layer_scale > 0:
+            raise ConfigError(
+                f"{layout} got layer_scale={layer_scale}: it is the initial value of the learnable per-channel "
+                "scale on each residual branch, so it must be a positive number (CaiT uses 0.1 to 1e-6), or "
+                "null to turn layer scale off."
+            )
+        if layer_scale is not None and dim is None:
+            raise ConfigError(
+                f"{layout} got layer_scale={layer_scale} but no dim: the per-channel scale needs the model width. "
+                "Models pass dim to the block factory themselves; when building a block by hand, pass dim=."
+            )
+
 
 class BlockFactory(Protocol):
     def __call__(
-        self, *, attention: Attention, ffn: FeedForward, norm_1: Norm, norm_2: Norm, dropout: float
+        self, *, attention: Attention, ffn: FeedForward, norm_1: Norm, norm_2: Norm, dropout: float, dim: int
     ) -> Block: ...
 
 

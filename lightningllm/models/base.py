@@ -105,6 +105,7 @@ class TransformerStack(nn.Module):
                 norm_1=norm(dim=dim),
                 norm_2=norm(dim=dim),
                 dropout=dropout,
+                dim=dim,
             )
             for layer_attention, layer_ffn in layers
         )
@@ -195,7 +196,7 @@ STRUCTURAL = {
     "ffn": ("dim", "hidden_dim", "dropout"),
     "norm": ("dim",),
     "position": ("dim", "n_heads", "head_dim", "max_seq_len"),
-    "block": ("attention", "ffn", "norm_1", "norm_2", "dropout"),
+    "block": ("attention", "ffn", "norm_1", "norm_2", "dropout", "dim"),
 }
 
 

@@ -24,6 +24,11 @@ class Parallel(Block):
     Args:
         attention, ffn, norm_1, norm_2: built children.
         dropout: residual dropout on each branch's output.
+        dim: model width; the model passes it (used by ``layer_scale``).
+        drop_path: stochastic depth (Huang et al., 2016): in training, drop each branch for a whole
+            sample with this probability, scaling kept ones by ``1/(1 - drop_path)``; in [0, 1).
+        layer_scale: initial value of a learnable per-channel scale on each branch's output
+            (LayerScale, Touvron et al., 2021); ``None`` turns it off.
         shared_norm: feed ``norm_1(x)`` to both branches (GPT-J, PaLM); ``False`` feeds the
             feed-forward ``norm_2(x)`` (GPT-NeoX).
         scale_residual: multiply the sum of the two branches by ``1/sqrt(2)`` so the residual
@@ -39,8 +44,12 @@ class Parallel(Block):
         dropout: float = 0.0,
         shared_norm: bool = True,
         scale_residual: bool = False,
+        *,
+        dim: int | None = None,
+        drop_path: float = 0.0,
+        layer_scale: float | None = None,
     ) -> None:
-        super().__init__(attention, ffn, norm_1, norm_2, dropout)
+        super().__init__(attention, ffn, norm_1, norm_2, dropout, dim=dim, drop_path=drop_path, layer_scale=layer_scale)
         self.shared_norm, self.scale_residual = shared_norm, scale_residual
         if shared_norm:
             self.norm_2 = None
@@ -67,6 +76,10 @@ class Parallel(Block):
             |             |                      |
             |             dropout                dropout
             |             |                      |
+            |             * layer_scale          * layer_scale
+            |             |                      |
+            |             drop_path              drop_path (drawn independently)
+            |             |                      |
             |             +------> (+) <---------+
             |                       |
             |                       * 1/sqrt(2) (scale_residual)
@@ -81,4 +94,5 @@ class Parallel(Block):
         return x + branches * self.branch_scale if self.scale_residual else x + branches
 
     def extra_repr(self) -> str:
-        return f"shared_norm={self.shared_norm}, scale_residual={self.scale_residual}"
+        layout = f"shared_norm={self.shared_norm}, scale_residual={self.scale_residual}"
+        return ", ".join(part for part in (layout, super().extra_repr()) if part)

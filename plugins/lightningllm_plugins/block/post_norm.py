@@ -20,6 +20,11 @@ class PostNorm(Block):
     Args:
         attention, ffn, norm_1, norm_2: built children.
         dropout: residual dropout on each branch's output.
+        dim: model width; the model passes it (used by ``layer_scale``).
+        drop_path: stochastic depth (Huang et al., 2016): in training, drop each branch for a whole
+            sample with this probability, scaling kept ones by ``1/(1 - drop_path)``; in [0, 1).
+        layer_scale: initial value of a learnable per-channel scale on each branch's output
+            (LayerScale, Touvron et al., 2021); ``None`` turns it off.
     """
 
     final_norm = False  # the output of the last block is already normalised
@@ -43,6 +48,10 @@ class PostNorm(Block):
             |                |
             dropout          |
             |                |
+            * layer_scale    |
+            |                |
+            drop_path        |
+            |                |
             + <--------------+
             |
             norm_1
@@ -52,6 +61,10 @@ class PostNorm(Block):
             ffn              |
             |                |
             dropout          |
+            |                |
+            * layer_scale    |
+            |                |
+            drop_path        |
             |                |
             + <--------------+
             |

@@ -21,6 +21,11 @@ class PreNorm(Block):
     Args:
         attention, ffn, norm_1, norm_2: built children.
         dropout: residual dropout on each branch's output.
+        dim: model width; the model passes it (used by ``layer_scale``).
+        drop_path: stochastic depth (Huang et al., 2016): in training, drop each branch for a whole
+            sample with this probability, scaling kept ones by ``1/(1 - drop_path)``; in [0, 1).
+        layer_scale: initial value of a learnable per-channel scale on each branch's output
+            (LayerScale, Touvron et al., 2021); ``None`` turns it off.
     """
 
     def forward(
@@ -44,6 +49,10 @@ class PreNorm(Block):
             |                |
             dropout          |
             |                |
+            * layer_scale    |
+            |                |
+            drop_path        |
+            |                |
             + <--------------+
             |
             +----------------+
@@ -53,6 +62,10 @@ class PreNorm(Block):
             ffn              |
             |                |
             dropout          |
+            |                |
+            * layer_scale    |
+            |                |
+            drop_path        |
             |                |
             + <--------------+
             |
