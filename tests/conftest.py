@@ -63,3 +63,51 @@ def llama_like():
         position=partial(get("position", "RoPE"), base=500.0),
         tie_embeddings=False,
     )
+
+
+def write_run_config(
+    tmp_path,
+    *,
+    task: str,
+    model_class: str,
+    model: dict,
+    corpus,
+    data: dict | None = None,
+    name: str = "run.yaml",
+):
+    """A small `lightningllm fit` YAML: the given task and model on ``corpus`` with CharTokenizer,
+    40 steps, validation every 20, CSV logs under ``tmp_path/run`` and an export to ``tmp_path/export``."""
+    import yaml
+
+    config = {
+        "seed_everything": 0,
+        "model": {
+            "class_path": task,
+            "init_args": {
+                "model": {"class_path": model_class, "init_args": model},
+                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-3}},
+                "warmup_steps": 5,
+            },
+        },
+        "data": {
+            "class_path": "lightningllm.data.TextDataModule",
+            "init_args": {
+                "corpus": str(corpus), "tokenizer": {"class_path": "CharTokenizer"}, "seq_len": 32,
+                "batch_size": 8, "data_dir": str(tmp_path / "cache"), **(data or {}),
+            },
+        },
+        "trainer": {
+            "max_steps": 40, "val_check_interval": 20, "limit_val_batches": 4, "check_val_every_n_epoch": None,
+            "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(tmp_path / "run"),
+            "logger": {"class_path": "CSVLogger", "init_args": {"save_dir": str(tmp_path / "run")}},
+            "callbacks": [{"class_path": "Export", "init_args": {"dirpath": str(tmp_path / "export")}}],
+        },
+    }  # fmt: skip
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture
+def run_config():
+    return write_run_config

@@ -17,44 +17,27 @@ TEXT = "\n\n".join(
 )
 
 
-def write_run(tmp_path: Path, **model_overrides) -> Path:
-    corpus = tmp_path / "corpus"
-    corpus.mkdir(exist_ok=True)
-    for i in range(4):
-        (corpus / f"doc{i}.txt").write_text(TEXT)
-    model = {
-        "dim": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 32,
-        "attention": {"class_path": "MultiHeadAttention"}, "ffn": {"class_path": "MLP"},
-        "norm": {"class_path": "LayerNorm"}, "position": {"class_path": "LearnedPosition"},
-        "block": {"class_path": "PreNorm"}, **model_overrides,
-    }  # fmt: skip
-    config = {
-        "seed_everything": 0,
-        "model": {
-            "class_path": "lightningllm.tasks.CausalLM",
-            "init_args": {
-                "model": {"class_path": "lightningllm.models.Decoder", "init_args": model},
-                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-3}},
-                "warmup_steps": 5,
-            },
-        },
-        "data": {
-            "class_path": "lightningllm.data.TextDataModule",
-            "init_args": {
-                "corpus": str(corpus), "tokenizer": {"class_path": "CharTokenizer"}, "seq_len": 32,
-                "batch_size": 8, "data_dir": str(tmp_path / "cache"),
-            },
-        },
-        "trainer": {
-            "max_steps": 40, "val_check_interval": 20, "limit_val_batches": 4, "check_val_every_n_epoch": None,
-            "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(tmp_path / "run"),
-            "logger": {"class_path": "CSVLogger", "init_args": {"save_dir": str(tmp_path / "run")}},
-            "callbacks": [{"class_path": "Export", "init_args": {"dirpath": str(tmp_path / "export")}}],
-        },
-    }  # fmt: skip
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+@pytest.fixture
+def write_run(run_config):
+    """write_run(tmp_path, **model_overrides): a tiny Decoder + CausalLM run on a four-document corpus."""
+
+    def write(tmp_path: Path, **model_overrides) -> Path:
+        corpus = tmp_path / "corpus"
+        corpus.mkdir(exist_ok=True)
+        for i in range(4):
+            (corpus / f"doc{i}.txt").write_text(TEXT)
+        model = {
+            "dim": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 32,
+            "attention": {"class_path": "MultiHeadAttention"}, "ffn": {"class_path": "MLP"},
+            "norm": {"class_path": "LayerNorm"}, "position": {"class_path": "LearnedPosition"},
+            "block": {"class_path": "PreNorm"}, **model_overrides,
+        }  # fmt: skip
+        return run_config(
+            tmp_path, task="lightningllm.tasks.CausalLM", model_class="lightningllm.models.Decoder", model=model,
+            corpus=corpus,
+        )  # fmt: skip
+
+    return write
 
 
 def val_losses(tmp_path: Path) -> list[float]:
@@ -62,7 +45,7 @@ def val_losses(tmp_path: Path) -> list[float]:
     return [float(row["val/loss"]) for row in csv.DictReader(metrics.open()) if row.get("val/loss")]
 
 
-def test_fit_from_yaml_lowers_loss_and_exports(tmp_path, capsys):
+def test_fit_from_yaml_lowers_loss_and_exports(write_run, tmp_path, capsys):
     main(["fit", "--config", str(write_run(tmp_path))])
     losses = val_losses(tmp_path)
     assert len(losses) >= 2 and losses[-1] < losses[0]
@@ -84,14 +67,14 @@ def test_fit_from_yaml_lowers_loss_and_exports(tmp_path, capsys):
         ("--data.tokenizer", "ByteLevelBPE"),
     ],
 )
-def test_one_flag_switches_a_plugin(tmp_path, flag, value):
+def test_one_flag_switches_a_plugin(write_run, tmp_path, flag, value):
     main(["fit", "--config", str(write_run(tmp_path)), f"{flag}={value}", "--trainer.max_steps=2"])
     config = yaml.safe_load((tmp_path / "export" / "config.yaml").read_text())["init_args"]
     flat = yaml.safe_dump(config)
     assert value in flat or flag.endswith("tokenizer")
 
 
-def test_full_class_path_of_an_unregistered_class_is_accepted(tmp_path):
+def test_full_class_path_of_an_unregistered_class_is_accepted(write_run, tmp_path):
     run = write_run(tmp_path, norm={"class_path": "tests_support_norms.PlainLayerNorm"})
     support = tmp_path / "tests_support_norms.py"
     support.write_text(
@@ -124,23 +107,23 @@ def run_failing(args: list[str], capsys) -> str:
     return capsys.readouterr().err
 
 
-def test_unknown_plugin_lists_registered_ones(tmp_path, capsys):
+def test_unknown_plugin_lists_registered_ones(write_run, tmp_path, capsys):
     err = run_failing(["fit", "--config", str(write_run(tmp_path)), "--model.model.norm=BatchNorm"], capsys)
     assert "BatchNorm" in err and "LayerNorm" in err and "RMSNorm" in err
 
 
-def test_heads_not_dividing_width_is_one_paragraph(tmp_path, capsys):
+def test_heads_not_dividing_width_is_one_paragraph(write_run, tmp_path, capsys):
     err = run_failing(["fit", "--config", str(write_run(tmp_path, n_heads=5))], capsys)
     assert "dim=32 is not divisible by n_heads=5" in err and "Traceback" not in err
 
 
-def test_missing_corpus_is_reported(tmp_path, capsys):
+def test_missing_corpus_is_reported(write_run, tmp_path, capsys):
     run = write_run(tmp_path)
     err = run_failing(["fit", "--config", str(run), f"--data.corpus={tmp_path / 'nowhere'}"], capsys)
     assert "nowhere" in err and "Traceback" not in err
 
 
-def test_sequence_longer_than_learned_table_is_refused(tmp_path, capsys):
+def test_sequence_longer_than_learned_table_is_refused(write_run, tmp_path, capsys):
     err = run_failing(["fit", "--config", str(write_run(tmp_path, max_seq_len=16))], capsys)
     assert "16" in err and "Traceback" not in err
 
@@ -158,7 +141,7 @@ def test_every_shipped_config_parses(config, capsys):
     assert "class_path" in capsys.readouterr().out
 
 
-def test_validate_test_and_predict_run_from_the_same_config(tmp_path):
+def test_validate_test_and_predict_run_from_the_same_config(write_run, tmp_path):
     run = str(write_run(tmp_path))
     main(["fit", "--config", run, "--trainer.max_steps=20"])
     (checkpoint,) = (tmp_path / "run").rglob("*.ckpt")
@@ -166,7 +149,7 @@ def test_validate_test_and_predict_run_from_the_same_config(tmp_path):
         main([subcommand, "--config", run, f"--ckpt_path={checkpoint}"])
 
 
-def test_cli_checkpoint_rebuilds_its_model_without_passing_it(tmp_path):
+def test_cli_checkpoint_rebuilds_its_model_without_passing_it(write_run, tmp_path):
     import torch
 
     from lightningllm.io import load
@@ -181,14 +164,14 @@ def test_cli_checkpoint_rebuilds_its_model_without_passing_it(tmp_path):
     torch.testing.assert_close(task.model.eval()(ids), exported(ids))
 
 
-def test_unknown_option_is_named(tmp_path, capsys):
+def test_unknown_option_is_named(write_run, tmp_path, capsys):
     err = run_failing(
         ["fit", "--config", str(write_run(tmp_path)), "--model.model.attention.init_args.heads=3"], capsys
     )
     assert "heads" in err
 
 
-def test_logs_go_to_a_csv_logger_by_default(tmp_path, capsys):
+def test_logs_go_to_a_csv_logger_by_default(write_run, tmp_path, capsys):
     config = yaml.safe_load(write_run(tmp_path).read_text())
     del config["trainer"]["logger"]
     (tmp_path / "nolog.yaml").write_text(yaml.safe_dump(config))
@@ -212,7 +195,7 @@ def test_every_model_fragment_composes_after_a_stage_config(fragment, capsys):
     assert printed["ffn"]["class_path"].endswith(expected["ffn"]["class_path"])
 
 
-def test_per_layer_override_from_yaml(tmp_path):
+def test_per_layer_override_from_yaml(write_run, tmp_path):
     overrides = [{"layers": [1], "ffn": {"class_path": "SwiGLU"}}]
     main(["fit", "--config", str(write_run(tmp_path, overrides=overrides)), "--trainer.max_steps=2"])
     config = yaml.safe_load((tmp_path / "export" / "config.yaml").read_text())["init_args"]

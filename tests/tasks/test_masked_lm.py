@@ -6,7 +6,6 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
-import yaml
 from torch.utils.data import DataLoader
 
 from lightningllm.errors import ConfigError
@@ -195,8 +194,7 @@ def test_mask_id_other_than_the_tokenizers_is_refused(tmp_path):
         trainer(tmp_path, max_steps=1).fit(task, datamodule=data)
 
 
-def write_mlm_run(tmp_path):
-    corpus = write_corpus(tmp_path)
+def write_mlm_run(tmp_path, run_config):
     encoder = {
         "dim": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 32, "n_segments": 0,
         "attention": {"class_path": "MultiHeadAttention", "init_args": {"bias": True}},
@@ -204,40 +202,17 @@ def write_mlm_run(tmp_path):
         "norm": {"class_path": "LayerNorm"}, "position": {"class_path": "LearnedPosition"},
         "block": {"class_path": "PostNorm"},
     }  # fmt: skip
-    config = {
-        "seed_everything": 0,
-        "model": {
-            "class_path": "lightningllm.tasks.MaskedLM",
-            "init_args": {
-                "model": {"class_path": "lightningllm.models.Encoder", "init_args": encoder},
-                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-3}},
-                "warmup_steps": 5,
-            },
-        },
-        "data": {
-            "class_path": "lightningllm.data.TextDataModule",
-            "init_args": {
-                "corpus": str(corpus), "tokenizer": {"class_path": "CharTokenizer"}, "seq_len": 32,
-                "batch_size": 8, "val_documents": 1, "data_dir": str(tmp_path / "cache"),
-            },
-        },
-        "trainer": {
-            "max_steps": 40, "val_check_interval": 20, "limit_val_batches": 4, "check_val_every_n_epoch": None,
-            "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(tmp_path / "run"),
-            "logger": {"class_path": "CSVLogger", "init_args": {"save_dir": str(tmp_path / "run")}},
-            "callbacks": [{"class_path": "Export", "init_args": {"dirpath": str(tmp_path / "export")}}],
-        },
-    }  # fmt: skip
-    path = tmp_path / "mlm.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return run_config(
+        tmp_path, task="lightningllm.tasks.MaskedLM", model_class="lightningllm.models.Encoder", model=encoder,
+        corpus=write_corpus(tmp_path), data={"val_documents": 1}, name="mlm.yaml",
+    )  # fmt: skip
 
 
-def test_cli_fit_of_an_encoder_exports_and_its_checkpoint_rebuilds(tmp_path):
+def test_cli_fit_of_an_encoder_exports_and_its_checkpoint_rebuilds(tmp_path, run_config):
     from lightningllm.cli import main
     from lightningllm.io import load
 
-    main(["fit", "--config", str(write_mlm_run(tmp_path))])
+    main(["fit", "--config", str(write_mlm_run(tmp_path, run_config))])
     (metrics,) = (tmp_path / "run").rglob("metrics.csv")
     rows = [row for row in csv.DictReader(metrics.open()) if row.get("val/loss")]
     assert len(rows) >= 2 and float(rows[-1]["val/loss"]) < float(rows[0]["val/loss"])
