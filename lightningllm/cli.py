@@ -1,9 +1,10 @@
 """The ``lightningllm`` command.
 
 ``fit``/``validate``/``test``/``predict`` are LightningCLI subcommands (YAML with
-``class_path``/``init_args``, ``--print_config``); ``plugins`` lists the registry and
-``generate`` samples from an export folder. A user error prints one paragraph and exits 2;
-set ``LIGHTNINGLLM_TRACEBACK=1`` to see the traceback too.
+``class_path``/``init_args``, ``--print_config``); ``plugins`` lists the registry,
+``generate`` samples from an export folder, ``convert`` imports or exports Hugging Face
+checkpoints and ``estimate`` prints what a configured run will cost before it starts. A user
+error prints one paragraph and exits 2; set ``LIGHTNINGLLM_TRACEBACK=1`` to see the traceback too.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightningllm import registry
 from lightningllm.errors import LightningLLMError
+from lightningllm.estimate.command import estimate_command
 
 log = logging.getLogger("lightningllm")
 
@@ -64,13 +66,17 @@ class LightningLLMCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.init_args.model.init_args.vocab_size", apply_on="instantiate")
 
 
-def run_lightning(args: Sequence[str] | None) -> None:
-    """LightningCLI over ``args`` (None: the command line)."""
-    import lightningllm.callbacks  # noqa: F401 - short class names need the classes imported
+def import_short_names() -> None:
+    """Import the modules whose classes YAML may name by their short names (``class_path: Export``)."""
+    import lightningllm.callbacks  # noqa: F401
     import lightningllm.data  # noqa: F401
     import lightningllm.models  # noqa: F401
     import lightningllm.tasks  # noqa: F401
 
+
+def run_lightning(args: Sequence[str] | None) -> None:
+    """LightningCLI over ``args`` (None: the command line)."""
+    import_short_names()
     LightningLLMCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
@@ -124,13 +130,57 @@ def generate_command(args: Sequence[str]) -> None:
         sys.stdout.write(cfg.prompt + tokenizer.decode(new) + "\n")
 
 
+def convert_command(args: Sequence[str]) -> None:
+    """lightningllm convert --from-hf HF_DIR --out EXPORT_DIR | --to-hf EXPORT_DIR --out HF_DIR [--family TYPE]."""
+    from lightningllm.convert import from_hf, to_hf
+
+    parser = ArgumentParser(
+        prog="lightningllm convert",
+        description="Convert a Hugging Face checkpoint folder to a lightningllm export folder, or back.",
+    )
+    parser.add_argument("--from-hf", type=str | None, default=None, help="Hugging Face folder to import.")
+    parser.add_argument("--to-hf", type=str | None, default=None, help="lightningllm export folder to export.")
+    parser.add_argument("--out", type=str, required=True, help="Folder to write (replaced atomically).")
+    parser.add_argument(
+        "--family",
+        type=str | None,
+        default=None,
+        help="With --to-hf: the HF model_type to write (default: the first that fits).",
+    )
+    cfg = parser.parse_args(list(args))
+    if (cfg.from_hf is None) == (cfg.to_hf is None):
+        raise LightningLLMError(
+            "lightningllm convert needs exactly one of --from-hf HF_DIR (import a Hugging Face folder) or "
+            "--to-hf EXPORT_DIR (export a lightningllm export folder), together with --out."
+        )
+    if cfg.from_hf is not None:
+        if cfg.family is not None:
+            raise LightningLLMError(
+                "--family applies to --to-hf only: an imported folder names its family in config.json (model_type)."
+            )
+        result = from_hf(cfg.from_hf, cfg.out)
+    else:
+        result = to_hf(cfg.to_hf, cfg.out, family=cfg.family)
+    sys.stdout.write(f"converted {result.family}: {cfg.from_hf or cfg.to_hf} -> {result.path}\n")
+    for note in result.notes:
+        sys.stdout.write(f"  note: {note}\n")
+
+
 USAGE = """usage: lightningllm {fit,validate,test,predict} --config CONFIG.yaml [--key=value ...] [--print_config]
        lightningllm plugins [KIND ...]
        lightningllm generate EXPORT_DIR --prompt TEXT [--max_new_tokens N --temperature T --top_k K --top_p P]
+       lightningllm convert --from-hf HF_DIR --out EXPORT_DIR
+       lightningllm convert --to-hf EXPORT_DIR --out HF_DIR [--family gpt2|llama|mistral|mixtral|bert]
+       lightningllm estimate --config CONFIG.yaml [--key=value ...] [--device_memory_gib GIB]
 
 """
 
-COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {"plugins": list_plugins, "generate": generate_command}
+COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
+    "plugins": list_plugins,
+    "generate": generate_command,
+    "convert": convert_command,
+    "estimate": estimate_command,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

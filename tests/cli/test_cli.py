@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lightningllm.cli import main
@@ -200,3 +202,29 @@ def test_per_layer_override_from_yaml(write_run, tmp_path):
     main(["fit", "--config", str(write_run(tmp_path, overrides=overrides)), "--trainer.max_steps=2"])
     config = yaml.safe_load((tmp_path / "export" / "config.yaml").read_text())["init_args"]
     assert config["overrides"] == [{"layers": [1], "ffn": {"class_path": "SwiGLU", "init_args": {"bias": False}}}]
+
+
+def test_convert_to_hf_and_back(tmp_path, capsys, llama_like):
+    from lightningllm.io import export, load
+
+    export(llama_like, tmp_path / "export")
+    main(["convert", "--to-hf", str(tmp_path / "export"), "--out", str(tmp_path / "hf")])
+    assert "converted llama" in capsys.readouterr().out
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "llama"
+    main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "again")])
+    model, _ = load(tmp_path / "again")
+    ids = torch.randint(0, 50, (2, 7))
+    torch.testing.assert_close(model(ids), llama_like.eval()(ids), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--out", "x"], "exactly one of --from-hf"),
+        (["--from-hf", "nowhere", "--out", "x"], "config.json is missing"),
+    ],
+)
+def test_convert_errors_are_one_paragraph(tmp_path, capsys, args, expected):
+    args = [str(tmp_path / a) if a in ("x", "nowhere") else a for a in args]
+    err = run_failing(["convert", *args], capsys)
+    assert expected in err and "Traceback" not in err
