@@ -6,7 +6,9 @@ import math
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from lightningllm import registry
 from lightningllm.contracts import FeedForward
@@ -28,6 +30,22 @@ class Routing(NamedTuple):
     token: Tensor
     weight: Tensor
     counts: list[int]
+
+
+class Exchange(NamedTuple):
+    """How :meth:`MixtureOfExperts._dispatch` moved the kept assignments across ranks, for the way back.
+
+    Attributes:
+        send_splits: rows sent to each rank (this rank's assignments, grouped by the rank owning their expert).
+        recv_splits: rows received from each rank.
+        order: (R,) the received rows regrouped by local expert (``R = sum(recv_splits)``).
+        restore: (R,) the inverse permutation of ``order``.
+    """
+
+    send_splits: list[int]
+    recv_splits: list[int]
+    order: Tensor
+    restore: Tensor
 
 
 @register("ffn")
@@ -70,9 +88,38 @@ class MixtureOfExperts(FeedForward):
     Computation: assignments are sorted by expert (one stable argsort), gathered into one
     contiguous slice per expert, each expert runs once on its slice (even an empty one, so every
     parameter takes part in backward, as DDP expects), and weighted outputs are summed back per
-    token with ``index_add_``. Expert parallelism is not implemented; :meth:`_dispatch` (tokens to
-    experts) and :meth:`_combine` (outputs back to tokens) are the two places an ``all_to_all``
-    across ranks would go, with experts sharded over ranks in between.
+    token with ``index_add_``.
+
+    Expert parallelism (GShard, Lepikhin et al., 2020, section 2.2): over a process group of ``W``
+    ranks, rank ``r`` holds only experts ``[r * n_experts / W, (r + 1) * n_experts / W)``; the
+    router and the rest of the model stay replicated. Each rank routes its own tokens exactly as the
+    single-process layer would (so capacity, ``aux_loss`` and the logged load are per rank, over
+    this rank's tokens, as in Switch Transformer), sends the kept assignments to the experts' ranks
+    with ``all_to_all`` (the per-expert counts first, then the token rows), runs its experts on
+    what it received, and sends the outputs back the same way. Every rank of the group must run
+    every forward (a rank generating alone would wait forever). The group is either given as
+    ``process_group`` (the experts are split at construction; only the local ones are built) or
+    requested with ``expert_parallel=True``, which YAML can hold: every rank then builds all
+    experts and :func:`prepare_expert_parallel` keeps this rank's share over the default (WORLD)
+    group once it exists. In Lightning that is ``LightningModule.configure_model``, which runs after
+    the strategy has initialised the process group and before DDP wraps the model and the optimizer
+    sees the parameters. In a single process (no group initialised) ``expert_parallel=True`` runs
+    every expert locally, so the same config trains anywhere.
+
+    Under DDP the experts of different ranks are different parameters and must not be averaged:
+    :func:`prepare_expert_parallel` (called on the module that DDP wraps) marks them for DDP to
+    ignore. Gradients: DDP averages a replicated parameter's gradient over ranks, the gradient of the
+    mean of the ranks' losses; an expert receives the gradient of every rank's loss through the
+    ``all_to_all``, so its gradient is scaled by ``1 / W`` on the way back and is likewise the
+    gradient of that mean (equal to the single-process gradient of the mean loss over the global
+    batch when ranks have equal batches). The group must span all ranks (WORLD-sized): with
+    smaller groups, copies of one expert on several groups would need averaging DDP no longer does.
+
+    Checkpoints: each rank's ``state_dict`` holds only its experts, under their global indices
+    (``experts.5.gate_proj.weight`` lives on the rank owning expert 5), so loading one rank's
+    checkpoint on another fails loudly instead of mixing experts up, and the ranks' expert entries
+    together form the single-process ``state_dict``; :func:`gather_expert_state_dict` collects them
+    for export.
 
     Args:
         dim: model width.
@@ -88,6 +135,11 @@ class MixtureOfExperts(FeedForward):
             Switch Transformer keeps the raw probability (``False``).
         aux_loss_weight: weight of the load-balancing loss (Switch: 0.01).
         z_loss_weight: weight of the router z-loss (ST-MoE: 0.001; 0 disables it).
+        expert_parallel: split the experts over the default (WORLD) process group once
+            :func:`prepare_expert_parallel` runs (from ``configure_model`` in Lightning); a single
+            process runs them all.
+        process_group: split the experts over this ``torch.distributed`` group now (Python API;
+            None: no expert parallelism unless ``expert_parallel``).
     """
 
     def __init__(
@@ -103,6 +155,8 @@ class MixtureOfExperts(FeedForward):
         normalize_top_k: bool = True,
         aux_loss_weight: float = 0.01,
         z_loss_weight: float = 0.0,
+        expert_parallel: bool = False,
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         expert_args = dict(expert_args or {})
@@ -111,10 +165,14 @@ class MixtureOfExperts(FeedForward):
         self.n_experts, self.top_k, self.capacity_factor = n_experts, top_k, capacity_factor
         self.normalize_top_k = normalize_top_k
         self.aux_loss_weight, self.z_loss_weight = aux_loss_weight, z_loss_weight
+        self.expert_parallel = expert_parallel or process_group is not None
         self.router = nn.Linear(dim, n_experts, bias=False)
-        self.experts = nn.ModuleList(
-            expert_class(dim=dim, hidden_dim=hidden_dim, dropout=dropout, **expert_args) for _ in range(n_experts)
+        first, count = _expert_slice(n_experts, process_group) if process_group is not None else (0, n_experts)
+        self.experts = ExpertSlice(
+            [expert_class(dim=dim, hidden_dim=hidden_dim, dropout=dropout, **expert_args) for _ in range(count)],
+            first=first,
         )
+        self.process_group: dist.ProcessGroup | None = process_group  # set once the experts are split
         self.last_expert_load: Tensor | None = None
         self.last_dropped_fraction: Tensor | None = None
         self.reset_parameters()
@@ -126,6 +184,39 @@ class MixtureOfExperts(FeedForward):
         """
         std = math.sqrt(0.1 / self.router.in_features)
         nn.init.trunc_normal_(self.router.weight, std=std, a=-2 * std, b=2 * std)
+
+    @property
+    def local_experts(self) -> range:
+        """Global indices of the experts this rank holds (all of them without expert parallelism)."""
+        return range(self.experts.first, self.experts.first + len(self.experts))
+
+    def shard_experts(self, process_group: dist.ProcessGroup | None = None) -> None:
+        """Keep only this rank's share of the experts; the others' modules are dropped.
+
+        Call it before DDP wraps the model and before an optimizer sees the parameters (in Lightning:
+        from ``configure_model``); :func:`prepare_expert_parallel` calls it on every layer that asked
+        for ``expert_parallel``. On a model built on the meta device only the kept experts need
+        materialising.
+
+        Args:
+            process_group: the ranks to split the experts over (None: the default WORLD group,
+                which must be initialised).
+        """
+        if self.process_group is not None:
+            raise ConfigError(
+                f"MixtureOfExperts experts are already split over a process group (this rank holds experts "
+                f"{self.local_experts.start}..{self.local_experts.stop - 1} of {self.n_experts}); split them once."
+            )
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ConfigError(
+                "MixtureOfExperts cannot split its experts over ranks: no torch.distributed process group is "
+                "initialised in this process. Initialise one first (torch.distributed.init_process_group, or let "
+                "Lightning's strategy do it and split the experts from LightningModule.configure_model)."
+            )
+        group = process_group if process_group is not None else dist.group.WORLD
+        first, count = _expert_slice(self.n_experts, group)
+        self.experts = ExpertSlice(list(self.experts)[first : first + count], first=first)
+        self.process_group = group
 
     def metrics(self) -> dict[str, Tensor]:
         """What the last forward routed: each expert's share of the assignments and the dropped fraction."""
@@ -145,10 +236,25 @@ class MixtureOfExperts(FeedForward):
         self.aux_loss = self._aux_loss(logits, probs, chosen)
 
         routing = self._route(chosen, weights)
-        expert_inputs = self._dispatch(x.reshape(B * T, dim), routing)
+        expert_inputs, exchange = self._dispatch(x.reshape(B * T, dim), routing)
         expert_outputs = [expert(inputs) for expert, inputs in zip(self.experts, expert_inputs)]
-        y = self._combine(expert_outputs, routing, n_tokens=B * T)  # (B * T, dim)
+        y = self._combine(expert_outputs, routing, exchange, n_tokens=B * T)  # (B * T, dim)
         return y.view(B, T, dim)
+
+    def _group_size(self) -> int:
+        """Ranks the experts are split over (1 without expert parallelism)."""
+        if self.process_group is not None:
+            return dist.get_world_size(self.process_group)
+        if self.expert_parallel and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ConfigError(
+                f"MixtureOfExperts was built with expert_parallel=True and runs in a process group of "
+                f"{dist.get_world_size()} ranks, but its experts were never split over them, so every rank would "
+                "hold and train its own copy of all experts. Call "
+                "lightningllm_plugins.ffn.mixture_of_experts.prepare_expert_parallel(module) on the module DDP "
+                "wraps, once the process group exists and before DDP wraps it: in Lightning, from "
+                "LightningModule.configure_model."
+            )
+        return 1
 
     def _router_logits(self, x: Tensor) -> Tensor:
         """x: (B, T, dim) -> (B, T, n_experts), computed outside autocast (ST-MoE's selective precision)."""
@@ -201,22 +307,178 @@ class MixtureOfExperts(FeedForward):
         self.last_dropped_fraction = (1 - load.sum()).clamp(min=0).detach()
         return Routing(token, weight, counts.tolist())
 
-    def _dispatch(self, x: Tensor, routing: Routing) -> list[Tensor]:
-        """x: (B * T, dim) -> one (count_e, dim) slice of tokens per expert.
+    def _dispatch(self, x: Tensor, routing: Routing) -> tuple[list[Tensor], Exchange | None]:
+        """x: (B * T, dim) -> one (count_e, dim) slice of tokens per local expert, and how they moved.
 
-        Expert parallelism would send these slices to the ranks holding the experts here.
+        With expert parallelism the kept assignments, sorted by expert and so by owning rank, go to
+        their experts' ranks with ``all_to_all``: first each expert's count, then the rows. A rank
+        receives, from each rank in turn, the rows for each of its experts in turn; they are regrouped
+        by expert (stable, so each source rank's priority order is kept).
         """
-        return list(x.index_select(0, routing.token).split(routing.counts))  # (M, dim) split by expert
+        rows = x.index_select(0, routing.token)  # (M, dim), sorted by expert
+        W = self._group_size()
+        if W == 1:
+            return list(rows.split(routing.counts)), None
+        n_local = len(self.experts)
+        counts = torch.tensor(routing.counts, device=x.device)  # (n_experts,), rank-major: (W, n_local)
+        received = torch.empty_like(counts)  # (W * n_local,): source rank-major, then local expert
+        dist.all_to_all_single(received, counts, group=self.process_group)
+        received = received.view(W, n_local)
+        send_splits, recv_splits = counts.view(W, n_local).sum(1).tolist(), received.sum(1).tolist()
+        # Gradients flowing back to this rank's tokens are scaled by W here to undo the 1/W of _combine.
+        recv = _AllToAll.apply(rows, recv_splits, send_splits, self.process_group, float(W))  # (R, dim)
+        local_expert = torch.arange(n_local, device=x.device).repeat(W)  # (W * n_local,)
+        local_expert = local_expert.repeat_interleave(received.flatten())  # (R,) expert of each received row
+        order = torch.argsort(local_expert, stable=True)  # (R,) by local expert, source rank within
+        restore = torch.empty_like(order)
+        restore[order] = torch.arange(order.numel(), device=order.device)
+        inputs = recv.index_select(0, order).split(received.sum(0).tolist())  # one (count, dim) per local expert
+        return list(inputs), Exchange(send_splits, recv_splits, order, restore)
 
-    def _combine(self, outputs: list[Tensor], routing: Routing, n_tokens: int) -> Tensor:
-        """One (count_e, dim) output per expert -> (n_tokens, dim), the weighted sum per token.
+    def _combine(self, outputs: list[Tensor], routing: Routing, exchange: Exchange | None, n_tokens: int) -> Tensor:
+        """One (count_e, dim) output per local expert -> (n_tokens, dim), the weighted sum per token.
 
-        Expert parallelism would bring the outputs back to their tokens' ranks here. Tokens with no
-        kept assignment stay zero.
+        With expert parallelism the outputs first go back to their tokens' ranks (the reverse
+        ``all_to_all``), whose backward scales the experts' gradients by ``1 / W``. Tokens with no kept
+        assignment stay zero.
         """
-        y = torch.cat(outputs)  # (M, dim)
+        y = torch.cat(outputs)  # (M, dim), or (R, dim) across ranks
+        if exchange is not None:
+            y = y.index_select(0, exchange.restore)  # (R, dim) back in received order
+            W = len(exchange.send_splits)
+            y = _AllToAll.apply(y, exchange.send_splits, exchange.recv_splits, self.process_group, 1.0 / W)  # (M, dim)
         y = y * routing.weight.to(y.dtype)[:, None]
         return y.new_zeros(n_tokens, y.shape[-1]).index_add_(0, routing.token, y)
+
+
+class ExpertSlice(nn.ModuleList):
+    """The experts one rank holds, registered under their global indices (so ``state_dict`` keys are global).
+
+    Indexing and iteration are local: ``slice[0]`` is expert ``first``.
+
+    Args:
+        experts: the experts, in order.
+        first: global index of the first one.
+    """
+
+    def __init__(self, experts: list[nn.Module], first: int = 0) -> None:
+        super().__init__()
+        self.first = first
+        for i, expert in enumerate(experts):
+            self.add_module(str(first + i), expert)
+
+    def __getitem__(self, idx: int) -> nn.Module:  # type: ignore[override]
+        return list(self._modules.values())[idx]
+
+    def __setitem__(self, idx: int, module: nn.Module) -> None:
+        setattr(self, list(self._modules)[idx], module)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Differentiable ``all_to_all_single`` with uneven splits; the backward sends gradients back, times ``grad_scale``.
+
+    Written on the public ``torch.distributed.all_to_all_single`` (gloo, NCCL and MPI support uneven
+    splits) rather than ``torch.distributed.nn.functional.all_to_all_single``, which does the same but
+    is deprecated (a FutureWarning on every call in torch 2.13) in favour of a private module.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, out_splits: list[int], in_splits: list[int], group: Any, grad_scale: float
+    ) -> Tensor:
+        ctx.out_splits, ctx.in_splits, ctx.group, ctx.grad_scale = out_splits, in_splits, group, grad_scale
+        out = x.new_empty(sum(out_splits), *x.shape[1:])  # (sum(out_splits), dim)
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        back = grad.new_empty(sum(ctx.in_splits), *grad.shape[1:])
+        dist.all_to_all_single(back, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
+        return back * ctx.grad_scale, None, None, None, None
+
+
+def prepare_expert_parallel(module: nn.Module) -> list[str]:
+    """Split the experts of every ``expert_parallel`` layer in ``module`` and hide all split experts from DDP.
+
+    Call it on the module that DDP will wrap (in Lightning, the ``LightningModule``: ``prepare_expert_parallel(self)``
+    from ``configure_model``), after the process group exists and before wrapping. Layers built with
+    ``expert_parallel=True`` are split over the default WORLD group; layers built with a
+    ``process_group`` already are. Without an initialised process group nothing is split and every
+    expert runs locally. Calling it again is harmless.
+
+    Args:
+        module: the root module (parameter names are relative to it, as DDP reads them).
+
+    Returns:
+        The names of the expert parameters and buffers DDP will ignore (set as
+        ``module._ddp_params_and_buffers_to_ignore``, keeping any names already there).
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    ignore: list[str] = []
+    for name, layer in module.named_modules():
+        if not isinstance(layer, MixtureOfExperts):
+            continue
+        if layer.expert_parallel and layer.process_group is None and distributed:
+            layer.shard_experts()
+        if layer.process_group is not None:
+            prefix = f"{name}.experts." if name else "experts."
+            ignore += [prefix + key for key, _ in layer.experts.named_parameters()]
+            ignore += [prefix + key for key, _ in layer.experts.named_buffers()]
+    if ignore:
+        already = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
+        ignore = already + [key for key in ignore if key not in already]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignore)
+    return ignore
+
+
+def gather_expert_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """The ``state_dict`` of ``module`` with every rank's experts, on every rank (a collective: call it on all ranks).
+
+    Keys are those of the same model built without expert parallelism, so the result loads into
+    it (for export, or to generate on one process). Tensors are on the CPU.
+
+    Args:
+        module: the root module, its expert-parallel layers already split.
+    """
+    state = {key: value.detach().cpu() for key, value in module.state_dict().items()}
+    groups = {id(layer.process_group): layer.process_group for layer in module.modules()
+              if isinstance(layer, MixtureOfExperts) and layer.process_group is not None}  # fmt: skip
+    for group in groups.values():
+        mine = {key: state[key] for key in _expert_keys(module, group)}
+        gathered: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, mine, group=group)
+        for part in gathered:
+            state.update(part)
+    return state
+
+
+def _expert_keys(module: nn.Module, group: Any) -> list[str]:
+    keys = []
+    for name, layer in module.named_modules():
+        if isinstance(layer, MixtureOfExperts) and layer.process_group is group:
+            prefix = f"{name}.experts." if name else "experts."
+            keys += [prefix + key for key in layer.experts.state_dict()]
+    return keys
+
+
+def _expert_slice(n_experts: int, group: Any) -> tuple[int, int]:
+    """(first expert, number of experts) this rank holds when ``n_experts`` are split over ``group``."""
+    size, rank, world = dist.get_world_size(group), dist.get_rank(group), dist.get_world_size()
+    if n_experts % size:
+        raise ConfigError(
+            f"MixtureOfExperts n_experts={n_experts} cannot be split evenly over the {size} ranks of the process "
+            f"group: expert parallelism gives every rank the same number of experts. Use a multiple of {size} "
+            "experts, or turn expert parallelism off."
+        )
+    if size != world:
+        raise ConfigError(
+            f"MixtureOfExperts expert parallelism needs a process group spanning all {world} ranks, got one of "
+            f"{size}: copies of an expert held on several groups would need gradient averaging that DDP, told to "
+            "ignore expert parameters, no longer does. Use the default WORLD group."
+        )
+    count = n_experts // size
+    return rank * count, count
 
 
 def _expert_class(name: str) -> type:
