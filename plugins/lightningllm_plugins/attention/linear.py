@@ -115,6 +115,12 @@ class LinearAttention(Attention):
     built (:meth:`check_compatible`) and again in ``forward``. The mask's ``window``, ``document_ids``
     and ``prefix_lengths`` are refused with ConfigError too (not supported yet).
 
+    QK-norm (Dehghani et al., 2023, "Scaling Vision Transformers to 22 Billion Parameters"; OLMo 2,
+    Qwen 3): with ``qk_norm`` queries and keys are RMS-normalised per head (learnable scale each,
+    eps 1e-6) right after their projections, before the rotation and the feature map, as in
+    :class:`~lightningllm_plugins.attention.multi_head.MultiHeadAttention`. It bounds the feature
+    map's inputs, which matters most for ``exp``.
+
     Grouped-query attention: query head ``h`` reads key/value head ``h // (n_heads // n_kv_heads)``; the
     sums are kept once per key/value head and shared by its query group (same result as expanding
     the key/value heads, n_heads / n_kv_heads times less state).
@@ -133,6 +139,7 @@ class LinearAttention(Attention):
         chunk_size: positions per chunk of the causal form; trades the quadratic in-chunk work
             against the number of (hd, hd) chunk states.
         eps: added to the denominator ``phi(q)^T z``.
+        qk_norm: RMS-normalise queries and keys per head (learnable scale each) before the feature map.
     """
 
     def __init__(
@@ -145,6 +152,7 @@ class LinearAttention(Attention):
         bias: bool = False,
         chunk_size: int = 64,
         eps: float = 1e-6,
+        qk_norm: bool = False,
     ) -> None:
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
@@ -155,6 +163,14 @@ class LinearAttention(Attention):
         self.k_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * self.head_dim, dim, bias=bias)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
+
+    def reset_parameters(self) -> None:
+        """QK-norm scales to one; the projections keep the model's initialisation."""
+        for module in (self.q_norm, self.k_norm):
+            if module is not None:
+                module.reset_parameters()
 
     def forward(
         self,
@@ -182,6 +198,8 @@ class LinearAttention(Attention):
         B, T, _ = x.shape
         compute = torch.promote_types(x.dtype, torch.float32)
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
         if context is None:
             _check_position(position, positions)
             if not mask.causal and cache is not None:
@@ -240,6 +258,8 @@ class LinearAttention(Attention):
         B, S, _ = x.shape
         k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
         v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
         return k, v
 
     def _phi(self, x: Tensor) -> Tensor:

@@ -33,8 +33,16 @@ def naive_phi(name, x):
     return torch.exp(x) / torch.exp(x.max(dim=-1, keepdim=True).values)
 
 
+def naive_rms(x, weight):
+    """RMSNorm over the last dimension written out: x / sqrt(mean(x^2) + eps) * weight."""
+    return x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + EPS) * weight
+
+
 def naive_linear_attention(attention, x, *, causal, padding=None, position=None, context=None):
-    """phi(Q) phi(K)^T with an explicit (T, S) mask, row-normalised, times V; one head at a time."""
+    """phi(Q) phi(K)^T with an explicit (T, S) mask, row-normalised, times V; one head at a time.
+
+    With QK-norm the queries and keys are RMS-normalised by hand (with the module's scales) first.
+    """
     B, T, _ = x.shape
     src = x if context is None else context
     S = src.shape[1]
@@ -42,6 +50,8 @@ def naive_linear_attention(attention, x, *, causal, padding=None, position=None,
     q = attention.q_proj(x).view(B, T, H, hd).transpose(1, 2)
     k = attention.k_proj(src).view(B, S, Hkv, hd).transpose(1, 2)
     v = attention.v_proj(src).view(B, S, Hkv, hd).transpose(1, 2)
+    if attention.q_norm is not None:
+        q, k = naive_rms(q, attention.q_norm.weight), naive_rms(k, attention.k_norm.weight)
     if position is not None:
         q, _ = position.rotate(q, q, torch.arange(T)[None])
         k, _ = position.rotate(k, k, torch.arange(S)[None])
@@ -160,6 +170,77 @@ def test_future_tokens_never_change_the_past(feature_map, position_name):
     a, b = call(attention, x, position_name), call(attention, changed, position_name)
     torch.testing.assert_close(a[:, :cut], b[:, :cut])
     assert not torch.allclose(a[:, cut:], b[:, cut:])
+
+
+def make_qk_norm_attention(n_kv_heads=2, **knobs):
+    """QK-norm with scales away from one, so a wrong or missing scale shows."""
+    attention = make_attention(n_kv_heads, qk_norm=True, **knobs)
+    with torch.no_grad():
+        attention.q_norm.weight.uniform_(0.5, 2.0)
+        attention.k_norm.weight.uniform_(0.5, 2.0)
+    return attention
+
+
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+@pytest.mark.parametrize("chunk_size", [3, 64])
+@pytest.mark.parametrize("n_kv_heads", [4, 1], ids=["mha", "mqa"])
+def test_qk_norm_causal_chunks_equal_the_quadratic_form_normalised_by_hand(feature_map, chunk_size, n_kv_heads):
+    B, T = 2, 10
+    attention = make_qk_norm_attention(n_kv_heads, feature_map=feature_map, chunk_size=chunk_size)
+    x = torch.randn(B, T, DIM, dtype=torch.float64) * 3
+    padding = torch.arange(T)[None] >= torch.tensor([[0], [3]])
+    rope = make_position("rope")
+    out = call(attention, x, rope, causal=True, padding=padding)
+    expected = naive_linear_attention(attention, x, causal=True, padding=padding, position=rope)
+    torch.testing.assert_close(out, expected)
+    plain = make_attention(n_kv_heads, feature_map=feature_map, chunk_size=chunk_size)  # same projections, no norm
+    assert not torch.allclose(call(plain, x, rope, causal=True, padding=padding), out)
+    quadratic = make_qk_norm_attention(n_kv_heads, feature_map=feature_map, chunk_size=T)  # one chunk: all quadratic
+    torch.testing.assert_close(call(quadratic, x, rope, causal=True, padding=padding), out)
+
+
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+def test_qk_norm_bidirectional_and_cross_attention_match_by_hand(feature_map):
+    B, T, S = 2, 5, 7
+    attention = make_qk_norm_attention(2, feature_map=feature_map)
+    x = torch.randn(B, T, DIM, dtype=torch.float64)
+    context = torch.randn(B, S, DIM, dtype=torch.float64)
+    padding = torch.arange(S)[None] < torch.tensor([[S], [4]])
+    out = call(attention, x, padding=padding, context=context)
+    torch.testing.assert_close(
+        out, naive_linear_attention(attention, x, causal=False, padding=padding, context=context)
+    )
+    out = call(attention, x, "rope", causal=False)
+    expected = naive_linear_attention(attention, x, causal=False, position=make_position("rope"))
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+def test_qk_norm_decoding_with_the_state_equals_the_full_forward(feature_map):
+    B, T, prefill = 2, 11, 4
+    attention = make_qk_norm_attention(2, feature_map=feature_map, chunk_size=3)
+    x = torch.randn(B, T, DIM, dtype=torch.float64)
+    full = call(attention, x, "rope")
+    cache = attention.make_cache(B, T, dtype=torch.float64)
+    steps = [(0, prefill), *((t, t + 1) for t in range(prefill, 8)), (8, T)]
+    outs = [call(attention, x[:, a:b], "rope", torch.arange(a, b)[None], cache=cache) for a, b in steps]
+    torch.testing.assert_close(torch.cat(outs, dim=1), full)
+
+
+def test_qk_norm_reset_parameters_on_meta_and_scales_get_gradients():
+    with torch.device("meta"):
+        meta = LinearAttention(dim=DIM, n_heads=N_HEADS, n_kv_heads=2, qk_norm=True)
+    meta.to_empty(device="cpu")
+    for module in meta.modules():  # as Lightning materialises meta modules: each resets its own parameters
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    assert torch.equal(meta.q_norm.weight, torch.ones(HEAD_DIM)) and torch.equal(
+        meta.k_norm.weight, torch.ones(HEAD_DIM)
+    )
+    assert make_attention(2).q_norm is None and "q_norm.weight" not in make_attention(2).state_dict()
+    attention = make_qk_norm_attention(2)
+    call(attention, torch.randn(2, 6, DIM, dtype=torch.float64), "rope").square().sum().backward()
+    assert attention.q_norm.weight.grad.abs().sum() > 0 and attention.k_norm.weight.grad.abs().sum() > 0
 
 
 def test_rope_changes_the_output_and_alibi_is_refused(decoder_factory):
