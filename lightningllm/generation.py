@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from lightningllm.errors import ConfigError
+from lightningllm.mask import AttentionMask
 
 
 def sample_next(
@@ -50,6 +51,7 @@ def generate(
     top_p: float | None = None,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
+    prefix_lm: bool = False,
 ) -> Tensor:
     """Continue each prompt, reusing keys and values through the model's KV cache.
 
@@ -64,6 +66,12 @@ def generate(
         max_new_tokens: the most tokens to add.
         temperature, top_k, top_p: as in :func:`sample_next`.
         eos_id: a sequence that produced it stops; the others go on (finished ones are padded with it).
+        prefix_lm: the prompt is a bidirectional prefix (a model trained with
+            :class:`~lightningllm.tasks.prefix_lm.PrefixLM`): the prompt's forward runs with
+            ``AttentionMask(causal=True, prefix_lengths=<prompt tokens>)``, so prompt tokens see each
+            other both ways, and each new token is causal over the cached keys and values. A slide
+            re-encodes the kept tokens with the prompt tokens still among them as the prefix (none
+            once the prompt has left the window): generated tokens stay causal.
 
     Returns:
         (B, T + n) with n <= max_new_tokens.
@@ -76,7 +84,9 @@ def generate(
     was_training = model.training
     model.eval()
     cache = model.make_cache(B, window)
-    logits = model(input_ids[:, -window:], cache=cache)[:, -1]  # (B, V)
+    prompt = input_ids[:, -window:]
+    mask = _prompt_mask(prefix_lm, T, prompt, T - prompt.shape[1])
+    logits = model(prompt, cache=cache, **mask)[:, -1]  # (B, V)
     out, done = [input_ids], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
         token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
@@ -91,9 +101,26 @@ def generate(
         else:  # the window is full: encode its newest half again from position 0
             for layer_cache in cache:
                 layer_cache.reset()
-            logits = model(torch.cat(out, dim=1)[:, -(window // 2 or 1) :], cache=cache)[:, -1]
+            tokens = torch.cat(out, dim=1)
+            kept = tokens[:, -(window // 2 or 1) :]
+            mask = _prompt_mask(prefix_lm, T, kept, tokens.shape[1] - kept.shape[1])
+            logits = model(kept, cache=cache, **mask)[:, -1]
     model.train(was_training)
     return torch.cat(out, dim=1)
+
+
+def _prompt_mask(prefix_lm: bool, prompt_len: int, ids: Tensor, start: int) -> dict[str, AttentionMask]:
+    """Model keywords for encoding ``ids`` (B, L), tokens ``start .. start + L - 1`` of the sequence.
+
+    ``{}`` (plain causal) unless ``prefix_lm``; then the prompt tokens among ``ids`` (the first
+    ``prompt_len`` tokens of the sequence) form the bidirectional prefix. A prefix of one token or
+    none is plain causal attention, so it takes the default mask and its fast path.
+    """
+    n_prompt = min(max(prompt_len - start, 0), ids.shape[1])
+    if not prefix_lm or n_prompt <= 1:
+        return {}
+    prefix_lengths = torch.full(ids.shape[:1], n_prompt, dtype=torch.long, device=ids.device)  # (B,)
+    return {"mask": AttentionMask(causal=True, prefix_lengths=prefix_lengths)}
 
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:

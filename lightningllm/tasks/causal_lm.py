@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 from torchmetrics.text import Perplexity
 
-from lightningllm.contracts import Block, aux_loss, module_metrics
+from lightningllm.contracts import aux_loss, module_metrics
 from lightningllm.errors import ConfigError
 from lightningllm.hparams import save_hyperparameters
+from lightningllm.strategies import prepare_blocks
 from lightningllm.tasks.optim import Schedule, param_groups, warmup_then_decay
 
 IGNORE_INDEX = -100
@@ -35,6 +35,8 @@ class CausalLM(L.LightningModule):
         schedule: decay after warmup, over the Trainer's total optimizer steps.
         min_lr_ratio: final learning rate as a fraction of the peak.
         activation_checkpointing: recompute each ``Block`` in the backward pass to save memory.
+        compile: ``torch.compile`` each ``Block`` (training and KV-cache decoding alike; names and
+            exports unchanged).
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class CausalLM(L.LightningModule):
         schedule: Schedule = "cosine",
         min_lr_ratio: float = 0.1,
         activation_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if not getattr(model, "causal", True):
@@ -57,13 +60,12 @@ class CausalLM(L.LightningModule):
         self.model = model
         self.optimizer = optimizer
         self.warmup_steps, self.schedule, self.min_lr_ratio = warmup_steps, schedule, min_lr_ratio
-        self.activation_checkpointing = activation_checkpointing
+        self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
         self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
         self._step_started: float | None = None
 
     def configure_model(self) -> None:
-        if self.activation_checkpointing:
-            apply_activation_checkpointing(self.model, check_fn=lambda module: isinstance(module, Block))
+        prepare_blocks(self.model, activation_checkpointing=self.activation_checkpointing, compile=self.compile_blocks)
 
     def setup(self, stage: str) -> None:
         tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)

@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric
 from lightningllm.contracts import aux_loss
 from lightningllm.errors import ConfigError
 from lightningllm.hparams import save_hyperparameters
+from lightningllm.strategies import prepare_blocks
 from lightningllm.tasks.optim import Schedule, param_groups, warmup_then_decay
 
 IGNORE_INDEX = -100
@@ -102,6 +103,8 @@ class MaskedLM(L.LightningModule):
         warmup_steps: linear warmup from zero.
         schedule: decay after warmup, over the Trainer's total optimizer steps.
         min_lr_ratio: final learning rate as a fraction of the peak.
+        activation_checkpointing: recompute each ``Block`` in the backward pass to save memory.
+        compile: ``torch.compile`` each ``Block`` (names and exports unchanged).
     """
 
     def __init__(
@@ -117,6 +120,8 @@ class MaskedLM(L.LightningModule):
         warmup_steps: int = 100,
         schedule: Schedule = "cosine",
         min_lr_ratio: float = 0.1,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         save_hyperparameters(self, injected=("model", "optimizer"))
@@ -135,8 +140,12 @@ class MaskedLM(L.LightningModule):
         self.mask_probability = mask_probability
         self.replace_with_mask, self.replace_with_random = replace_with_mask, replace_with_random
         self.warmup_steps, self.schedule, self.min_lr_ratio = warmup_steps, schedule, min_lr_ratio
+        self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
         self.val_accuracy = MeanMetric()
         self.test_accuracy = MeanMetric()
+
+    def configure_model(self) -> None:
+        prepare_blocks(self.model, activation_checkpointing=self.activation_checkpointing, compile=self.compile_blocks)
 
     def setup(self, stage: str) -> None:
         tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)

@@ -92,3 +92,52 @@ def test_greedy_is_argmax():
 def test_bad_sampling_options_are_refused(kwargs, value):
     with pytest.raises(ConfigError, match=value):
         sample_next(torch.randn(1, 5), **kwargs)
+
+
+def naive_prefix_greedy(model, prompt, n, window=None):
+    """No cache, an explicit mask at every step: the prompt tokens in view are a bidirectional prefix.
+
+    With ``window``, each step sees the tokens since the last crop; a crop keeps the newest window // 2.
+    """
+    from lightningllm.mask import AttentionMask
+
+    ids, start = prompt, 0
+    for _ in range(n):
+        if window is not None and ids.shape[1] - start > window:
+            start = ids.shape[1] - window // 2
+        visible = ids[:, start:]
+        n_prompt = min(max(prompt.shape[1] - start, 0), visible.shape[1])
+        mask = AttentionMask(causal=True, prefix_lengths=torch.full((ids.shape[0],), n_prompt))
+        ids = torch.cat([ids, model(visible, mask=mask)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize(
+    "attention, position",
+    [("MultiHeadAttention", "LearnedPosition"), ("MultiHeadAttention", "RoPE"), ("MultiHeadAttention", "ALiBi"),
+     ("SlidingWindowAttention", "RoPE")],
+)  # fmt: skip
+def test_cached_prefix_lm_greedy_equals_recomputation_with_the_prefix_mask(decoder_factory, attention, position):
+    from functools import partial
+
+    from lightningllm.registry import get
+
+    torch.manual_seed(0)
+    if attention == "SlidingWindowAttention":
+        attention = partial(get("attention", attention), window=4)
+    # larger weights than the default init, so the prefix visibly changes the greedy choices
+    model = decoder_factory(attention=attention, position=position, n_kv_heads=2, init_std=0.3).eval()
+    prompt = torch.randint(0, 50, (3, 6))
+    with torch.no_grad():
+        expected = naive_prefix_greedy(model, prompt, 12)
+        assert not torch.equal(expected, naive_greedy(model, prompt, 12))  # the prefix changes what is generated
+    assert torch.equal(generate(model, prompt, 12, temperature=0, prefix_lm=True), expected)
+
+
+def test_prefix_lm_generation_past_max_seq_len_keeps_the_prompt_left_in_view_as_prefix(decoder_factory):
+    torch.manual_seed(0)
+    model = decoder_factory(position="LearnedPosition", max_seq_len=10, init_std=0.3).eval()
+    prompt = torch.randint(0, 50, (2, 8))  # the first slide keeps 2 prompt tokens, later slides none
+    with torch.no_grad():
+        expected = naive_prefix_greedy(model, prompt, 30, window=10)
+    assert torch.equal(generate(model, prompt, 30, temperature=0, prefix_lm=True), expected)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Any, NamedTuple
 
 import torch
@@ -258,13 +259,14 @@ class MixtureOfExperts(FeedForward):
 
     def _router_logits(self, x: Tensor) -> Tensor:
         """x: (B, T, dim) -> (B, T, n_experts), computed outside autocast (ST-MoE's selective precision)."""
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        autocast_off = nullcontext() if x.is_meta else torch.autocast(device_type=x.device.type, enabled=False)
+        with autocast_off:
             logits = self.router(x.to(self.router.weight.dtype))
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     def _aux_loss(self, logits: Tensor, probs: Tensor, chosen: Tensor) -> Tensor:
         """Weighted load-balancing plus z-loss; logits, probs: (B, T, n_experts), chosen: (B, T, top_k)."""
-        counts = torch.bincount(chosen.flatten(), minlength=self.n_experts)  # (n_experts,)
+        counts = _count(chosen.flatten(), self.n_experts)  # (n_experts,)
         f = counts.to(probs.dtype) / chosen.numel()  # fraction of assignments per expert
         P = probs.flatten(0, 1).mean(dim=0)  # (n_experts,) mean router probability
         loss = self.aux_loss_weight * self.n_experts * (f * P).sum()
@@ -286,8 +288,10 @@ class MixtureOfExperts(FeedForward):
         """
         expert = chosen.permute(1, 2, 0).flatten()  # (T * top_k * B,) in priority order
         order = torch.argsort(expert, stable=True)  # by expert, priority order within each
-        counts = torch.bincount(expert, minlength=self.n_experts)  # (n_experts,)
+        counts = _count(expert, self.n_experts)  # (n_experts,)
         capacity = self._capacity(chosen.shape[0] * chosen.shape[1])
+        if chosen.is_meta:  # no data to route by (pre-flight estimates): as many as balanced experts keep
+            return order[: min(order.numel(), capacity * self.n_experts if capacity else order.numel())], counts
         if capacity is not None:
             starts = counts.cumsum(0) - counts  # (n_experts,) first sorted slot of each expert
             slot = torch.arange(order.numel(), device=order.device) - starts[expert[order]]  # place in its queue
@@ -305,7 +309,7 @@ class MixtureOfExperts(FeedForward):
         load = counts.float() / chosen.numel()
         self.last_expert_load = load.detach()
         self.last_dropped_fraction = (1 - load.sum()).clamp(min=0).detach()
-        return Routing(token, weight, counts.tolist())
+        return Routing(token, weight, counts.tolist() if not counts.is_meta else _even(order.numel(), self.n_experts))
 
     def _dispatch(self, x: Tensor, routing: Routing) -> tuple[list[Tensor], Exchange | None]:
         """x: (B * T, dim) -> one (count_e, dim) slice of tokens per local expert, and how they moved.
@@ -349,6 +353,16 @@ class MixtureOfExperts(FeedForward):
             y = _AllToAll.apply(y, exchange.send_splits, exchange.recv_splits, self.process_group, 1.0 / W)  # (M, dim)
         y = y * routing.weight.to(y.dtype)[:, None]
         return y.new_zeros(n_tokens, y.shape[-1]).index_add_(0, routing.token, y)
+
+
+def _count(indices: Tensor, n: int) -> Tensor:
+    """How often each of ``0 .. n-1`` occurs in ``indices``, (n,) int64 (``bincount`` that also runs on meta)."""
+    return torch.zeros(n, dtype=torch.long, device=indices.device).scatter_add_(0, indices, torch.ones_like(indices))
+
+
+def _even(n: int, parts: int) -> list[int]:
+    """``n`` split into ``parts`` counts as equal as integers allow (balanced routing on the meta device)."""
+    return [n // parts + (i < n % parts) for i in range(parts)]
 
 
 class ExpertSlice(nn.ModuleList):

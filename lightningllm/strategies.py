@@ -1,0 +1,152 @@
+"""Scaling switches over Lightning's strategies: FSDP that wraps each ``Block``, activation checkpointing and compile.
+
+lightningllm has no distributed engine of its own. Lightning's strategies (DDP, FSDP, DeepSpeed) and
+PyTorch's collectives do the work; this module only tells them where our unit of work is: the
+:class:`~lightningllm.contracts.Block`, which FSDP shards, activation checkpointing recomputes and
+``torch.compile`` compiles. Nobody maintains a list of layer classes: the units are found in the model
+when the strategy sets it up.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.strategies import FSDPStrategy as LightningFSDPStrategy
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointWrapper,
+    apply_activation_checkpointing,
+)
+
+from lightningllm.contracts import Block
+from lightningllm.errors import ConfigError
+
+
+def block_units(model: nn.Module) -> list[nn.Module]:
+    """Every outermost ``Block`` of ``model``, or the checkpoint wrapper around it when there is one.
+
+    These are the modules FSDP wraps one by one: wrapping the checkpoint wrapper rather than the
+    block inside it keeps a recomputed block inside a single FSDP unit.
+    """
+    units: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            inner = child._checkpoint_wrapped_module if isinstance(child, CheckpointWrapper) else child
+            if isinstance(inner, Block):
+                units.append(child)
+            else:
+                visit(child)
+
+    visit(model)
+    return units
+
+
+def block_wrap_policy(model: nn.Module) -> Any:
+    """An FSDP ``auto_wrap_policy`` that makes each :func:`block_units` module its own FSDP unit."""
+    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+    unit_ids = {id(unit) for unit in block_units(model)}
+    return partial(lambda_auto_wrap_policy, lambda_fn=lambda module: id(module) in unit_ids)
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Wrap every ``Block`` of ``model`` in place so its activations are recomputed in the backward pass."""
+    if not any(isinstance(m, CheckpointWrapper) for m in model.modules()):
+        apply_activation_checkpointing(model, check_fn=lambda module: isinstance(module, Block))
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> None:
+    """``torch.compile`` every ``Block`` of ``model`` in place (``nn.Module.compile``).
+
+    Compiling block by block (as torchtitan does) keeps parameter names, state dicts and exports
+    unchanged, compiles one layer's graph once for all identical layers, and composes with FSDP,
+    which wraps the compiled blocks. The embedding, the head and the loss stay eager.
+    """
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.compile(**compile_kwargs)
+
+
+def prepare_blocks(model: nn.Module, *, activation_checkpointing: bool = False, compile: bool = False) -> None:
+    """The tasks' ``configure_model`` switches: compile each block, then checkpoint it."""
+    if compile:
+        compile_blocks(model)
+    if activation_checkpointing:
+        checkpoint_blocks(model)
+
+
+class FSDPStrategy(LightningFSDPStrategy):
+    """Lightning's ``FSDPStrategy`` with each ``Block`` of the model as its own FSDP unit.
+
+    The auto-wrap policy comes from the model at setup time (every ``Block`` found in it, whatever its
+    layout class), so configs name no layer class. Everything else is Lightning's: sharding strategy,
+    CPU offload, mixed precision from the Trainer's ``precision``, and checkpoints with
+    ``state_dict_type`` "full" (one file gathered on rank 0) or "sharded" (a folder of per-rank shards,
+    torch.distributed.checkpoint). On CPU it runs FSDP over gloo (for tests; no speed to be had there).
+
+    A model built on the meta device (``with trainer.init_module(empty_init=True):`` or in a task's
+    ``configure_model``) is materialised unit by unit as FSDP shards it: each module gets
+    ``to_empty`` and its ``reset_parameters()``.
+
+    Args:
+        activation_checkpointing: recompute each ``Block`` in the backward pass, applied after wrapping
+            (``CausalLM(activation_checkpointing=True)`` does the same under any strategy; use one of the two).
+        state_dict_type: "full" or "sharded" checkpoints.
+        sharding_strategy: "FULL_SHARD" (ZeRO-3), "SHARD_GRAD_OP" (ZeRO-2), "NO_SHARD" (DDP) or "HYBRID_SHARD".
+        cpu_offload: keep parameters and gradients on CPU between uses.
+        **kwargs: any other argument of Lightning's ``FSDPStrategy`` or torch's ``FullyShardedDataParallel``;
+            an explicit ``auto_wrap_policy`` replaces the block policy.
+    """
+
+    def __init__(
+        self,
+        activation_checkpointing: bool = False,
+        state_dict_type: Literal["full", "sharded"] = "full",
+        sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"] = "FULL_SHARD",
+        cpu_offload: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            state_dict_type=state_dict_type, sharding_strategy=sharding_strategy, cpu_offload=cpu_offload, **kwargs
+        )
+        self.checkpoint_blocks = activation_checkpointing
+        self._block_policy = "auto_wrap_policy" not in self.kwargs
+
+    def setup_environment(self) -> None:
+        if (
+            self.root_device.type == "cpu"
+            and self._state_dict_type == "full"
+            and self.num_processes * self.num_nodes > 1
+        ):
+            raise ConfigError(
+                "FSDPStrategy(state_dict_type='full') cannot checkpoint on CPU: torch FSDP's full state dict offloads "
+                "to CPU and crashes when the parameters already live there. On CPU use state_dict_type: sharded "
+                "(the Export callback still writes one model.safetensors); on GPUs both work."
+            )
+        super().setup_environment()
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        if self._block_policy:
+            self.kwargs["auto_wrap_policy"] = block_wrap_policy(model)
+        if self.checkpoint_blocks and not self._activation_checkpointing_kwargs:
+            self._activation_checkpointing_kwargs = {"check_fn": lambda module: isinstance(module, Block)}
+        if self.root_device.type == "cpu":
+            model = self._wrap_on_cpu(model)
+        return super()._setup_model(model)
+
+    def _wrap_on_cpu(self, model: nn.Module) -> nn.Module:
+        """Lightning passes ``device_id=None`` on CPU, which FSDP refuses; wrap here with the CPU device."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+            return model
+        kwargs = dict(self.kwargs)
+        wrapped = FullyShardedDataParallel(
+            module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **kwargs,
+        )  # fmt: skip
+        self.kwargs.pop("auto_wrap_policy", None)  # already applied: keeps Lightning from warning that it is ignored
+        return wrapped
