@@ -139,6 +139,12 @@ class Block(nn.Module):
     "drop path" as in timm). Layer scale: Touvron et al. (2021), "Going deeper with Image
     Transformers" (CaiT), section 2.
 
+    Cross-attention (the decoder of an encoder-decoder; Vaswani et al., 2017, section 3.1; T5,
+    Raffel et al., 2020): a block built with a ``cross_attention`` child (and its ``norm_cross``)
+    attends from the residual stream to ``context``, the encoder output, through
+    :meth:`cross_attend`; layouts run self-attention -> cross-attention -> feed-forward. A block
+    without one is exactly the decoder-only / encoder block, and ``forward`` refuses a ``context``.
+
     Args:
         attention, ffn, norm_1, norm_2: built children.
         dropout: residual dropout on each branch's output.
@@ -149,6 +155,8 @@ class Block(nn.Module):
         layer_scale: multiply each branch's output by its own learnable per-channel vector
             initialised to this value (CaiT uses 0.1 to 1e-6, smaller for deeper models);
             ``None`` turns it off.
+        cross_attention: built attention child that reads ``context`` (None: no cross-attention).
+        norm_cross: the norm of the cross-attention branch (given with ``cross_attention``).
     """
 
     final_norm: bool = True
@@ -164,6 +172,8 @@ class Block(nn.Module):
         dim: int | None = None,
         drop_path: float = 0.0,
         layer_scale: float | None = None,
+        cross_attention: Attention | None = None,
+        norm_cross: Norm | None = None,
     ):
         super().__init__()
         self._check_residual_options(type(self).__name__, dim, drop_path, layer_scale)
@@ -171,6 +181,8 @@ class Block(nn.Module):
         self.ffn = ffn
         self.norm_1 = norm_1
         self.norm_2 = norm_2
+        self.cross_attention = cross_attention
+        self.norm_cross = norm_cross
         self.dropout = nn.Dropout(dropout)
         self.drop_path, self.layer_scale = drop_path, layer_scale
         if layer_scale is None:
@@ -179,17 +191,63 @@ class Block(nn.Module):
         else:
             self.attention_scale = nn.Parameter(torch.full((dim,), float(layer_scale)))  # (dim,)
             self.ffn_scale = nn.Parameter(torch.full((dim,), float(layer_scale)))  # (dim,)
+        if layer_scale is None or cross_attention is None:
+            self.register_parameter("cross_attention_scale", None)
+        else:
+            self.cross_attention_scale = nn.Parameter(torch.full((dim,), float(layer_scale)))  # (dim,)
 
     def reset_parameters(self) -> None:
         """Refill the layer-scale vectors with their initial value (children reset themselves)."""
         if self.layer_scale is not None:
             with torch.no_grad():
-                self.attention_scale.fill_(self.layer_scale)
-                self.ffn_scale.fill_(self.layer_scale)
+                for scale in (self.attention_scale, self.ffn_scale, self.cross_attention_scale):
+                    if scale is not None:
+                        scale.fill_(self.layer_scale)
 
     def attend(self, x: Tensor, **attention_kwargs) -> Tensor:
         """The attention branch, ready to add to the residual stream. x: (B, T, dim) -> (B, T, dim)."""
         return self.residual(self.attention(x, **attention_kwargs), self.attention_scale)
+
+    def cross_attend(
+        self,
+        x: Tensor,
+        *,
+        context: Tensor,
+        context_mask: AttentionMask | None = None,
+        cache: KVCache | None = None,
+        position: Position,
+        positions: Tensor,
+    ) -> Tensor:
+        """The cross-attention branch, ready to add to the residual stream. x: (B, T, dim) -> (B, T, dim).
+
+        Args:
+            context: (B, S, dim) encoder output the queries of ``x`` attend to.
+            context_mask: its ``padding`` (B, S) marks the real context tokens (None: all are real).
+            cache: this layer's cross-attention cache: filled with the context's keys/values on the
+                first call and reused afterwards, so decoding projects the context once.
+            position, positions: as in :meth:`Attention.forward` (attention plugins apply no
+                positional hook to cross-attention: queries and keys belong to different sequences).
+        """
+        mask = context_mask if context_mask is not None else AttentionMask(causal=False)
+        y = self.cross_attention(x, position=position, positions=positions, mask=mask, cache=cache, context=context)
+        return self.residual(y, self.cross_attention_scale)
+
+    def check_context(self, context: Tensor | None) -> bool:
+        """Whether this block runs its cross-attention branch; refuses a context it cannot read or a missing one."""
+        if self.cross_attention is None:
+            if context is not None:
+                raise ConfigError(
+                    f"{type(self).__name__} got a context (an encoder output) but was built without a "
+                    "cross_attention child, so it cannot read it. Build the block with cross_attention= and "
+                    "norm_cross= (EncoderDecoder does this for its decoder), or leave context out."
+                )
+            return False
+        if context is None:
+            raise ConfigError(
+                f"{type(self).__name__} was built with cross-attention, so it needs context= (the encoder "
+                "output, (B, S, dim)) on every call."
+            )
+        return True
 
     def feed_forward(self, x: Tensor) -> Tensor:
         """The feed-forward branch, ready to add to the residual stream. x: (B, T, dim) -> (B, T, dim)."""
@@ -220,8 +278,18 @@ class Block(nn.Module):
         positions: Tensor,
         mask: AttentionMask,
         cache: KVCache | None = None,
+        context: Tensor | None = None,
+        context_mask: AttentionMask | None = None,
+        cross_cache: KVCache | None = None,
     ) -> Tensor:
-        """x: (B, T, dim) -> (B, T, dim); keyword arguments as in :meth:`Attention.forward`."""
+        """x: (B, T, dim) -> (B, T, dim); keyword arguments as in :meth:`Attention.forward`.
+
+        Args:
+            context: (B, S, dim) encoder output; required by, and only accepted by, a block with
+                cross-attention.
+            context_mask: padding of ``context`` (see :meth:`cross_attend`).
+            cross_cache: the cross-attention cache (see :meth:`cross_attend`).
+        """
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -250,8 +318,19 @@ class Block(nn.Module):
 
 
 class BlockFactory(Protocol):
+    """Models pass ``cross_attention`` and ``norm_cross`` only when they build a cross-attending block."""
+
     def __call__(
-        self, *, attention: Attention, ffn: FeedForward, norm_1: Norm, norm_2: Norm, dropout: float, dim: int
+        self,
+        *,
+        attention: Attention,
+        ffn: FeedForward,
+        norm_1: Norm,
+        norm_2: Norm,
+        dropout: float,
+        dim: int,
+        cross_attention: Attention | None = None,
+        norm_cross: Norm | None = None,
     ) -> Block: ...
 
 

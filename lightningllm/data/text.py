@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightningllm.atomic import atomic_directory, atomic_file
 from lightningllm.data.corpus import Document, corpus_fingerprint, load_corpus
+from lightningllm.data.resumable import resumable_loader
 from lightningllm.errors import ConfigError, DataError, TokenizerError
 from lightningllm.hparams import save_hyperparameters
 from lightningllm.tokenizer import META_FILE, Tokenizer
@@ -91,8 +92,11 @@ class TextDataModule(L.LightningDataModule):
     Each split is one token stream, the documents in corpus order with the tokenizer's EOS id
     after each. Samples are windows of ``seq_len + 1`` tokens starting every ``stride`` tokens;
     batches are ``{"input_ids": (B, T), "labels": (B, T)}`` int64 tensors with ``T = seq_len``
-    and ``labels`` the inputs shifted by one. The training loader shuffles with a generator seeded
-    by ``seed`` and drops the last incomplete batch; validation and test loaders keep order.
+    and ``labels`` the inputs shifted by one. The training loader shuffles (a new order each epoch,
+    seeded by ``seed`` and the epoch), drops the last incomplete batch, shards the order over the ranks
+    under DDP/FSDP (rank ``r`` of ``W`` takes every ``W``-th sample, so ``W`` processes see the batches of
+    one process with a ``W`` times larger batch) and resumes mid-epoch from a checkpoint
+    (:mod:`lightningllm.data.resumable`); validation and test loaders keep order.
 
     Everything derived from the corpus is cached under
     ``<data_dir>/tokens/<TokenizerClass>-<key>/`` (``key`` hashes the corpus, the split and the
@@ -119,6 +123,9 @@ class TextDataModule(L.LightningDataModule):
             from them; None tests on the validation documents.
         num_workers: DataLoader worker processes (0 loads in the main process).
         seed: seed of the document holdout and of the training order.
+        extra_ids: ids reserved above the tokenizer's vocabulary (T5's sentinels, for
+            :class:`~lightningllm.tasks.span_corruption.SpanCorruption`): ``vocab_size``, which the CLI
+            passes to the model, counts them; the token arrays never hold them.
     """
 
     def __init__(
@@ -133,9 +140,11 @@ class TextDataModule(L.LightningDataModule):
         test_documents: int | float | None = None,
         num_workers: int = 0,
         seed: int = 1234,
+        extra_ids: int = 0,
     ) -> None:
         super().__init__()
         _check_int("seq_len", seq_len, minimum=1)
+        _check_int("extra_ids", extra_ids, minimum=0)
         if stride is not None:
             _check_int("stride", stride, minimum=1, extra="or null for non-overlapping windows (stride = seq_len)")
         _check_int("batch_size", batch_size, minimum=1)
@@ -155,6 +164,7 @@ class TextDataModule(L.LightningDataModule):
         self.test_documents = test_documents
         self.num_workers = num_workers
         self.seed = seed
+        self.extra_ids = extra_ids
         self.datasets: dict[str, TokenWindows] = {}
         self._documents: list[Document] | None = None
         self._splits: dict[str, list[Document]] | None = None
@@ -164,9 +174,9 @@ class TextDataModule(L.LightningDataModule):
     # --- what the CLI and tasks read ----------------------------------------------------------
     @property
     def vocab_size(self) -> int:
-        """The tokenizer's vocabulary size, training (or loading the cached) tokenizer first."""
+        """The tokenizer's vocabulary size plus ``extra_ids``, training (or loading the cached) tokenizer first."""
         self._prepare_tokenizer()
-        return self.tokenizer.vocab_size
+        return self.tokenizer.vocab_size + self.extra_ids
 
     @property
     def cache_dir(self) -> Path:
@@ -196,8 +206,7 @@ class TextDataModule(L.LightningDataModule):
             self.datasets[split] = self._windows(meta, split)
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return self._loader("train", shuffle=True, drop_last=True, generator=generator)
+        return self._loader("train", drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
@@ -376,14 +385,11 @@ class TextDataModule(L.LightningDataModule):
     def _loader(self, split: str, **kwargs: Any) -> DataLoader:
         if split not in self.datasets:
             self.setup(next(stage for stage, splits in _STAGE_SPLITS.items() if split in splits))
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            **kwargs,
-        )
+        kwargs.update(num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        kwargs.update(pin_memory=torch.cuda.is_available())
+        if split == "train":  # shuffled, sharded over the ranks, and resumable mid-epoch
+            return resumable_loader(self.datasets[split], self.batch_size, shuffle=True, seed=self.seed, **kwargs)
+        return DataLoader(self.datasets[split], batch_size=self.batch_size, **kwargs)
 
 
 def _check_int(name: str, value: Any, minimum: int | None = None, extra: str = "") -> None:

@@ -1,6 +1,7 @@
 """What every transformer stack shares: checks, config, embedding, blocks, final norm and initialisation.
 
-:class:`~lightningllm.models.Decoder` and :class:`~lightningllm.models.Encoder` add their own
+:class:`~lightningllm.models.Decoder`, :class:`~lightningllm.models.Encoder` and the two stacks of
+:class:`~lightningllm.models.encoder_decoder.EncoderDecoder` add their own
 inputs and heads on top of :class:`TransformerStack`.
 """
 
@@ -74,6 +75,7 @@ class TransformerStack(nn.Module):
         init_std: float,
         overrides: list[LayerOverride] | None,
         extra_config: dict[str, Any] | None = None,
+        cross_attention: AttentionFactory | None = None,
     ) -> None:
         super().__init__()
         model = type(self).__name__
@@ -82,6 +84,9 @@ class TransformerStack(nn.Module):
         hidden_dim = hidden_dim or 4 * dim
         factories = {"attention": attention, "ffn": ffn, "norm": norm, "position": position, "block": block}
         _check_knobs_are_not_structural(model, **factories)
+        if cross_attention is not None:
+            _check_knobs_are_not_structural(model, attention=cross_attention)
+            extra_config = {**(extra_config or {}), "cross_attention": spec_of(cross_attention)}
         overrides = [_as_override(o) for o in overrides or []]
         _check_overrides(model, overrides, n_layers)
         self.config = {
@@ -98,6 +103,13 @@ class TransformerStack(nn.Module):
         self.position = position(dim=dim, n_heads=n_heads, head_dim=dim // n_heads, max_seq_len=max_seq_len)
         self.dropout = nn.Dropout(dropout)
         layers = [_layer_factories(i, attention, ffn, overrides) for i in range(n_layers)]
+
+        def cross() -> dict[str, nn.Module]:  # passed only when asked for, so every block layout still fits
+            if cross_attention is None:
+                return {}
+            attn = cross_attention(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, dropout=attention_dropout)
+            return {"cross_attention": attn, "norm_cross": norm(dim=dim)}
+
         self.blocks = nn.ModuleList(
             block(
                 attention=layer_attention(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, dropout=attention_dropout),
@@ -106,6 +118,7 @@ class TransformerStack(nn.Module):
                 norm_2=norm(dim=dim),
                 dropout=dropout,
                 dim=dim,
+                **cross(),
             )
             for layer_attention, layer_ffn in layers
         )
@@ -116,11 +129,7 @@ class TransformerStack(nn.Module):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> TransformerStack:
         """Rebuild from :attr:`config` (plugin specs as ``{class_path, init_args}``)."""
-        kwargs = dict(config)
-        for slot, kind in SLOTS.items():
-            kwargs[slot] = factory_of(kwargs[slot], kind)
-        kwargs["overrides"] = [_as_override(o) for o in kwargs.get("overrides") or []]
-        return cls(**kwargs)
+        return cls(**factories_from_config(config))
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) linears and embeddings, scaled residual outputs, plugins' own rules."""
@@ -138,7 +147,15 @@ class TransformerStack(nn.Module):
                     module.reset_parameters()
 
     def run_blocks(
-        self, x: Tensor, *, positions: Tensor, mask: AttentionMask, cache: list[KVCache] | None = None
+        self,
+        x: Tensor,
+        *,
+        positions: Tensor,
+        mask: AttentionMask,
+        cache: list[KVCache] | None = None,
+        context: Tensor | None = None,
+        context_mask: AttentionMask | None = None,
+        cross_cache: list[KVCache] | None = None,
     ) -> Tensor:
         """Embedded tokens x: (B, T, dim) -> every block, then the final norm -> (B, T, dim).
 
@@ -146,15 +163,34 @@ class TransformerStack(nn.Module):
             positions: (B or 1, T) absolute positions of ``x``.
             mask: which keys each query may see.
             cache: one cache per block, filled in place.
+            context: (B, S, dim) encoder output for blocks built with cross-attention.
+            context_mask: its padding, ``AttentionMask(causal=False, padding=(B, S) bool)``.
+            cross_cache: one cross-attention cache per block, filled on the first call.
         """
         for i, blk in enumerate(self.blocks):
-            x = blk(x, position=self.position, positions=positions, mask=mask, cache=cache[i] if cache else None)
+            cross = {} if context is None else {
+                "context": context, "context_mask": context_mask, "cross_cache": cross_cache[i] if cross_cache else None
+            }  # fmt: skip
+            x = blk(
+                x, position=self.position, positions=positions, mask=mask, cache=cache[i] if cache else None, **cross
+            )
         return self.norm(x)
 
     @property
     def block_class(self) -> type[Block]:
         """The layout class of the blocks: the FSDP auto-wrap and checkpointing unit."""
         return type(self.blocks[0])
+
+
+def factories_from_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A stack's keyword arguments from its config: plugin specs become factories, overrides :class:`LayerOverride`."""
+    kwargs = dict(config)
+    for slot, kind in SLOTS.items():
+        kwargs[slot] = factory_of(kwargs[slot], kind)
+    if kwargs.get("cross_attention") is not None:
+        kwargs["cross_attention"] = factory_of(kwargs["cross_attention"], "attention")
+    kwargs["overrides"] = [_as_override(o) for o in kwargs.get("overrides") or []]
+    return kwargs
 
 
 def _as_override(override: LayerOverride | dict[str, Any]) -> LayerOverride:
@@ -196,7 +232,7 @@ STRUCTURAL = {
     "ffn": ("dim", "hidden_dim", "dropout"),
     "norm": ("dim",),
     "position": ("dim", "n_heads", "head_dim", "max_seq_len"),
-    "block": ("attention", "ffn", "norm_1", "norm_2", "dropout", "dim"),
+    "block": ("attention", "ffn", "norm_1", "norm_2", "dropout", "dim", "cross_attention", "norm_cross"),
 }
 
 

@@ -3,5 +3,6 @@
 from lightningllm.tasks.causal_lm import CausalLM
 from lightningllm.tasks.masked_lm import MaskedLM
 from lightningllm.tasks.prefix_lm import PrefixLM
+from lightningllm.tasks.span_corruption import SpanCorruption
 
-__all__ = ["CausalLM", "MaskedLM", "PrefixLM"]
+__all__ = ["CausalLM", "MaskedLM", "PrefixLM", "SpanCorruption"]

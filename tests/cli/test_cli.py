@@ -185,7 +185,8 @@ def test_logs_go_to_a_csv_logger_by_default(write_run, tmp_path, capsys):
 
 @pytest.mark.parametrize("fragment", sorted(str(p) for p in Path("configs/model").glob("*.yaml")))
 def test_every_model_fragment_composes_after_a_stage_config(fragment, capsys):
-    stage = "configs/pretrain/bert-shakespeare.yaml" if "bert" in fragment else "configs/pretrain/shakespeare-char.yaml"
+    family = next((name for name in ("bert", "t5") if Path(fragment).name.startswith(name)), None)
+    stage = f"configs/pretrain/{family}-shakespeare.yaml" if family else "configs/pretrain/shakespeare-char.yaml"
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", stage, "--config", fragment, "--print_config"])
     assert exit_info.value.code == 0

@@ -31,8 +31,19 @@ class Parallel(Block):
             (LayerScale, Touvron et al., 2021); ``None`` turns it off.
         shared_norm: feed ``norm_1(x)`` to both branches (GPT-J, PaLM); ``False`` feeds the
             feed-forward ``norm_2(x)`` (GPT-NeoX).
-        scale_residual: multiply the sum of the two branches by ``1/sqrt(2)`` so the residual
-            stream's variance grows as with a single branch.
+        scale_residual: multiply the sum of the branches by ``1/sqrt(number of branches)`` (2, or 3
+            with cross-attention) so the residual stream's variance grows as with a single branch.
+        cross_attention: built attention child reading ``context`` (an encoder-decoder's decoder);
+            None: no cross-attention.
+        norm_cross: its input norm; dropped (``None``) with ``shared_norm``, like ``norm_2``.
+
+    Cross-attention runs as a third parallel branch: ``x + attention(h) + cross_attention(h_c,
+    context) + ffn(h_f)``, every branch reading the layer input ``x`` (``h_c = h_f = h = norm_1(x)``
+    with ``shared_norm``, else ``norm_cross(x)`` and ``norm_2(x)``). This keeps the layout's point,
+    one residual add and branches that can run concurrently (their input projections fuse), at the
+    price that a layer's cross-attention queries do not see that layer's self-attention output (the
+    next layer's do). Sequential layouts (:class:`PreNorm`, :class:`PostNorm`) run self-attention
+    -> cross-attention -> feed-forward instead, as T5 and Vaswani et al. (2017) do.
     """
 
     def __init__(
@@ -48,12 +59,19 @@ class Parallel(Block):
         dim: int | None = None,
         drop_path: float = 0.0,
         layer_scale: float | None = None,
+        cross_attention: Attention | None = None,
+        norm_cross: Norm | None = None,
     ) -> None:
-        super().__init__(attention, ffn, norm_1, norm_2, dropout, dim=dim, drop_path=drop_path, layer_scale=layer_scale)
+        super().__init__(
+            attention, ffn, norm_1, norm_2, dropout, dim=dim, drop_path=drop_path, layer_scale=layer_scale,
+            cross_attention=cross_attention, norm_cross=norm_cross,
+        )  # fmt: skip
         self.shared_norm, self.scale_residual = shared_norm, scale_residual
         if shared_norm:
             self.norm_2 = None
-        self.branch_scale = 1 / math.sqrt(2) if scale_residual else 1.0
+            self.norm_cross = None
+        n_branches = 2 if cross_attention is None else 3
+        self.branch_scale = 1 / math.sqrt(n_branches) if scale_residual else 1.0
 
     def forward(
         self,
@@ -63,8 +81,14 @@ class Parallel(Block):
         positions: Tensor,
         mask: AttentionMask,
         cache: KVCache | None = None,
+        context: Tensor | None = None,
+        context_mask: AttentionMask | None = None,
+        cross_cache: KVCache | None = None,
     ) -> Tensor:
         """x: (B, T, dim) -> (B, T, dim); keyword arguments go to the attention.
+
+        With a ``cross_attention`` child, ``context``, ``context_mask`` and ``cross_cache`` go to a
+        third branch beside the two drawn below (see the class docstring).
 
         ::
 
@@ -90,6 +114,11 @@ class Parallel(Block):
         """
         h = self.norm_1(x)
         branches = self.attend(h, position=position, positions=positions, mask=mask, cache=cache)
+        if self.check_context(context):
+            branches = branches + self.cross_attend(
+                h if self.norm_cross is None else self.norm_cross(x), context=context, context_mask=context_mask,
+                cache=cross_cache, position=position, positions=positions,
+            )  # fmt: skip
         branches = branches + self.feed_forward(h if self.norm_2 is None else self.norm_2(x))
         return x + branches * self.branch_scale if self.scale_residual else x + branches
 

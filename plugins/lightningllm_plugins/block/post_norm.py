@@ -37,8 +37,16 @@ class PostNorm(Block):
         positions: Tensor,
         mask: AttentionMask,
         cache: KVCache | None = None,
+        context: Tensor | None = None,
+        context_mask: AttentionMask | None = None,
+        cross_cache: KVCache | None = None,
     ) -> Tensor:
         """x: (B, T, dim) -> (B, T, dim); keyword arguments go to the attention.
+
+        With a ``cross_attention`` child, the original Transformer's decoder layer (Vaswani et al.,
+        2017, section 3.1): ``x = norm_cross(x + cross_attention(x, context))`` runs between the
+        attention and the feed-forward sub-layers; ``context``, ``context_mask`` and ``cross_cache``
+        go to it.
 
         ::
 
@@ -73,4 +81,11 @@ class PostNorm(Block):
             out
         """
         x = self.norm_1(x + self.attend(x, position=position, positions=positions, mask=mask, cache=cache))
+        if self.check_context(context):
+            x = self.norm_cross(
+                x + self.cross_attend(
+                    x, context=context, context_mask=context_mask, cache=cross_cache, position=position,
+                    positions=positions,
+                )
+            )  # fmt: skip
         return self.norm_2(x + self.feed_forward(x))

@@ -15,8 +15,8 @@ class PreNorm(Block):
     """Normalise each branch's input, leave the residual stream untouched.
 
     Xiong et al. (2020), "On Layer Normalization in the Transformer Architecture"; used by GPT-2
-    (Radford et al., 2019) and Llama. The residual stream is never normalised inside the block, so
-    the model applies a final norm after the last block.
+    (Radford et al., 2019), Llama and T5 (Raffel et al., 2020). The residual stream is never
+    normalised inside the block, so the model applies a final norm after the last block.
 
     Args:
         attention, ffn, norm_1, norm_2: built children.
@@ -36,8 +36,15 @@ class PreNorm(Block):
         positions: Tensor,
         mask: AttentionMask,
         cache: KVCache | None = None,
+        context: Tensor | None = None,
+        context_mask: AttentionMask | None = None,
+        cross_cache: KVCache | None = None,
     ) -> Tensor:
         """x: (B, T, dim) -> (B, T, dim); keyword arguments go to the attention.
+
+        With a ``cross_attention`` child, a third branch ``x + cross_attention(norm_cross(x), context)``
+        (built like the attention branch) runs between the attention and the feed-forward branches,
+        as in T5's decoder; ``context``, ``context_mask`` and ``cross_cache`` go to it.
 
         ::
 
@@ -72,4 +79,9 @@ class PreNorm(Block):
             out
         """
         x = x + self.attend(self.norm_1(x), position=position, positions=positions, mask=mask, cache=cache)
+        if self.check_context(context):
+            x = x + self.cross_attend(
+                self.norm_cross(x), context=context, context_mask=context_mask, cache=cross_cache,
+                position=position, positions=positions,
+            )  # fmt: skip
         return x + self.feed_forward(self.norm_2(x))
