@@ -2,7 +2,8 @@
 
 Each case builds the model, runs forward and backward, and checks the direction of information flow
 the architecture promises: causal (a later token never changes an earlier output), prefix (bidirectional
-inside the prefix, causal after it), bidirectional, or latent (every latent reads every input token).
+inside the prefix, causal after it), bidirectional, encoder-decoder (the whole source reaches every target
+position, target positions causal), or latent (every latent reads every input token).
 FFN and norm plugins rotate over the cases, so each appears with every architecture. Combinations the
 math forbids must be refused with a ConfigError naming the reason; :data:`REFUSED` lists them, and any
 other refusal fails.
@@ -18,14 +19,13 @@ import torch
 
 from lightningllm.errors import ConfigError
 from lightningllm.mask import AttentionMask
-from lightningllm.models import Decoder, Encoder
-from lightningllm.models.perceiver import PerceiverEncoder
+from lightningllm.models import Decoder, Encoder, EncoderDecoder, PerceiverEncoder
 from lightningllm.registry import available, get
 
 VOCAB, T, CHANGED = 40, 10, 7  # tokens from position CHANGED on are replaced in the second input
 PREFIX = 5  # prefix-LM: positions 0..4 attend to each other
 
-ARCHITECTURES = ("decoder", "prefix_lm", "encoder", "perceiver")
+ARCHITECTURES = ("decoder", "prefix_lm", "encoder", "encoder_decoder", "perceiver")
 FFN_NORM = list(itertools.product(available("ffn"), available("norm")))
 CASES = [
     (arch, position, attention, block, *FFN_NORM[i % len(FFN_NORM)])
@@ -41,6 +41,7 @@ REFUSED = {
     ("perceiver", "RoPE", "*"): "RoPE",  # cross-attention applies no rotation: the input would lose order
     ("perceiver", "ALiBi", "*"): "ALiBi",
     ("perceiver", "*", "MultiHeadLatentAttention"): "cross",  # MLA is self-attention only
+    ("encoder_decoder", "*", "MultiHeadLatentAttention"): "cross",
 }
 
 
@@ -68,6 +69,8 @@ def build(arch: str, plugins: dict):
         return Decoder(**SIZES, **plugins)
     if arch == "encoder":
         return Encoder(**SIZES, **plugins)
+    if arch == "encoder_decoder":
+        return EncoderDecoder(**SIZES, **plugins)
     return PerceiverEncoder(**SIZES, n_latents=4, **plugins)
 
 
@@ -76,6 +79,8 @@ def run(arch: str, model, ids: torch.Tensor) -> torch.Tensor:
     if arch == "prefix_lm":
         prefix = torch.full((ids.shape[0],), PREFIX)
         return model(ids, mask=AttentionMask(causal=True, prefix_lengths=prefix))
+    if arch == "encoder_decoder":  # the same ids as source and as decoder input
+        return model(ids, decoder_input_ids=ids)
     return model(ids)
 
 
@@ -94,7 +99,8 @@ def test_every_combination_builds_trains_and_keeps_its_information_flow(arch, po
     out = run(arch, model, ids)
     out.float().square().mean().backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    assert model.embed.weight.grad is not None and all(torch.isfinite(g).all() for g in grads)
+    token_embedding = next(m for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    assert token_embedding.weight.grad is not None and all(torch.isfinite(g).all() for g in grads)
 
     model.eval()
     later = ids.clone()
@@ -112,5 +118,10 @@ def test_every_combination_builds_trains_and_keeps_its_information_flow(arch, po
             assert not torch.allclose(a[:, 0], c[:, 0])  # bidirectional inside it
         elif arch == "encoder":
             assert not torch.allclose(a[:, 0], b[:, 0])  # bidirectional
+        elif arch == "encoder_decoder":  # a later source token reaches the first target position ...
+            source_only = model(later, decoder_input_ids=ids)
+            assert not torch.allclose(a[:, 0], source_only[:, 0])
+            target_only = model(ids, decoder_input_ids=later)  # ... a later target token does not
+            torch.testing.assert_close(a[:, :CHANGED], target_only[:, :CHANGED])
         else:
             assert all(not torch.allclose(a[:, n], b[:, n]) for n in range(4))  # every latent reads the input
