@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightningllm import registry
 from lightningllm.errors import LightningLLMError
 from lightningllm.estimate.command import estimate_command
+from lightningllm.tasks.span_corruption import decode_with_sentinels
 
 log = logging.getLogger("lightningllm")
 
@@ -102,32 +103,41 @@ def list_plugins(args: Sequence[str]) -> None:
 
 
 def generate_command(args: Sequence[str]) -> None:
-    """lightningllm generate EXPORT_DIR --prompt TEXT [sampling options]."""
+    """lightningllm generate EXPORT_DIR --prompt TEXT [sampling options].
+
+    A decoder continues the prompt (read as a bidirectional prefix with ``--prefix_lm``); an
+    encoder-decoder reads the prompt as its source and writes the target from its start token.
+    """
     from lightningllm.generation import generate
     from lightningllm.io import load
 
     parser = ArgumentParser(prog="lightningllm generate", description="Sample text from an export folder.")
     parser.add_argument("export_dir", type=str, help="Folder written by an export.")
-    parser.add_argument("--prompt", type=str, default="", help="Text to continue.")
+    parser.add_argument("--prompt", type=str, default="", help="Text to continue (the source of an encoder-decoder).")
     parser.add_argument("--max_new_tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 means greedy.")
     parser.add_argument("--top_k", type=int | None, default=None)
     parser.add_argument("--top_p", type=float | None, default=None)
     parser.add_argument("--num_samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--prefix_lm", type=bool, default=False, help="Read the prompt bidirectionally (PrefixLM).")
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     cfg = parser.parse_args(list(args))
     model, tokenizer = load(cfg.export_dir, device=cfg.device)
     if tokenizer is None:
         raise LightningLLMError(f"The export {cfg.export_dir!r} has no tokenizer, so a text prompt cannot be encoded.")
-    prompt = [tokenizer.bos_id] + tokenizer.encode(cfg.prompt)
-    ids = torch.tensor([prompt] * cfg.num_samples, device=cfg.device)
+    n = cfg.num_samples
+    if hasattr(model, "decoder_for"):  # encoder-decoder: the prompt is the source, the target starts fresh
+        source = torch.tensor([tokenizer.encode(cfg.prompt) + [tokenizer.eos_id]] * n, device=cfg.device)
+        model, ids, echo = model.decoder_for(source), torch.full((n, 1), model.decoder_start_id, device=cfg.device), ""
+    else:
+        ids, echo = torch.tensor([[tokenizer.bos_id] + tokenizer.encode(cfg.prompt)] * n, device=cfg.device), cfg.prompt
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
-    out = generate(model, ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                   top_p=cfg.top_p, eos_id=tokenizer.eos_id, generator=generator)  # fmt: skip
+    out = generate(model, ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                   eos_id=tokenizer.eos_id, generator=generator, prefix_lm=cfg.prefix_lm)  # fmt: skip
     for row in out.tolist():
-        new = [t for t in row[len(prompt) :] if t != tokenizer.eos_id]
-        sys.stdout.write(cfg.prompt + tokenizer.decode(new) + "\n")
+        new = [t for t in row[ids.shape[1] :] if t != tokenizer.eos_id]
+        sys.stdout.write(echo + decode_with_sentinels(tokenizer, new) + "\n")
 
 
 def convert_command(args: Sequence[str]) -> None:
@@ -169,6 +179,7 @@ def convert_command(args: Sequence[str]) -> None:
 USAGE = """usage: lightningllm {fit,validate,test,predict} --config CONFIG.yaml [--key=value ...] [--print_config]
        lightningllm plugins [KIND ...]
        lightningllm generate EXPORT_DIR --prompt TEXT [--max_new_tokens N --temperature T --top_k K --top_p P]
+                             [--prefix_lm true]
        lightningllm convert --from-hf HF_DIR --out EXPORT_DIR
        lightningllm convert --to-hf EXPORT_DIR --out HF_DIR [--family gpt2|llama|mistral|mixtral|bert]
        lightningllm estimate --config CONFIG.yaml [--key=value ...] [--device_memory_gib GIB]

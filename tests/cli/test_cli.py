@@ -229,3 +229,45 @@ def test_convert_errors_are_one_paragraph(tmp_path, capsys, args, expected):
     args = [str(tmp_path / a) if a in ("x", "nowhere") else a for a in args]
     err = run_failing(["convert", *args], capsys)
     assert expected in err and "Traceback" not in err
+
+
+def test_generate_from_an_encoder_decoder_reads_the_prompt_as_its_source(tmp_path, capsys):
+    from lightningllm.generation import generate
+    from lightningllm.io import export
+    from lightningllm.models import EncoderDecoder
+    from lightningllm.registry import get
+    from lightningllm.tasks.span_corruption import decode_with_sentinels
+
+    tokenizer = get("tokenizer", "CharTokenizer")()
+    tokenizer.train(["to be or not to be"])
+    plugins = {kind: get(kind, name) for kind, name in [("attention", "MultiHeadAttention"), ("ffn", "MLP"),
+               ("norm", "RMSNorm"), ("position", "RoPE"), ("block", "PreNorm")]}  # fmt: skip
+    torch.manual_seed(0)
+    model = EncoderDecoder(vocab_size=tokenizer.vocab_size + 4, dim=32, n_layers=1, n_heads=4, init_std=0.5, **plugins)
+    export(model, tmp_path / "export", tokenizer=tokenizer)
+    for prompt in ("to be", "not to be"):
+        main(["generate", str(tmp_path / "export"), "--prompt", prompt, "--max_new_tokens", "8", "--temperature", "0"])
+        source = torch.tensor([tokenizer.encode(prompt) + [tokenizer.eos_id]])
+        start = torch.full((1, 1), model.decoder_start_id)
+        target = generate(model.decoder_for(source), start, 8, temperature=0, eos_id=tokenizer.eos_id)[0, 1:]
+        expected = decode_with_sentinels(tokenizer, [t for t in target.tolist() if t != tokenizer.eos_id])
+        assert capsys.readouterr().out == expected + "\n"  # the target for this source, not a continuation
+
+
+def test_generate_with_prefix_lm_reads_the_prompt_bidirectionally(tmp_path, capsys, decoder_factory):
+    from lightningllm.generation import generate
+    from lightningllm.io import export
+    from lightningllm.registry import get
+
+    tokenizer = get("tokenizer", "CharTokenizer")()
+    tokenizer.train(["to be or not to be"])
+    torch.manual_seed(0)
+    model = decoder_factory(vocab_size=tokenizer.vocab_size, init_std=0.5)
+    export(model, tmp_path / "export", tokenizer=tokenizer)
+    prompt = torch.tensor([[tokenizer.bos_id] + tokenizer.encode("to be")])
+    for prefix_lm in (True, False):
+        main(["generate", str(tmp_path / "export"), "--prompt", "to be", "--max_new_tokens", "6", "--temperature",
+              "0", "--prefix_lm", str(prefix_lm).lower()])  # fmt: skip
+        ids = generate(model, prompt, 6, temperature=0, eos_id=tokenizer.eos_id, prefix_lm=prefix_lm)
+        new = [t for t in ids[0, prompt.shape[1] :].tolist() if t != tokenizer.eos_id]
+        assert capsys.readouterr().out == "to be" + tokenizer.decode(new) + "\n"
