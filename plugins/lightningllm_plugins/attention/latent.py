@@ -293,9 +293,7 @@ class MultiHeadLatentAttention(Attention):
             v = v.repeat_interleave(H // Hkv, dim=1)  # (B, H, S, v)
         k = torch.cat((k_nope, k_rope[:, None].expand(B, H, S, self.rope_head_dim)), dim=-1)  # (B, H, S, nope+rope)
         q = torch.cat((q_nope, q_rope), dim=-1)  # (B, H, T, nope + rope)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.scale
-        )
+        return _sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.scale)
 
     def _attend_absorbed(
         self,
@@ -320,7 +318,7 @@ class MultiHeadLatentAttention(Attention):
         q = torch.cat((q_latent, q_rope), dim=-1)  # (B, H, T, r + rope)
         k = torch.cat((c_kv, k_rope), dim=-1)[:, None].expand(B, H, S, r + self.rope_head_dim)  # one key per token
         v = c_kv[:, None].expand(B, H, S, r)  # (B, H, S, r), a view: no copy per head
-        o_latent = F.scaled_dot_product_attention(
+        o_latent = _sdpa(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.scale
         )  # (B, H, T, r)
         o_latent = o_latent.view(B, Hkv, H // Hkv, T, r)  # (B, Hkv, G, T, r)
@@ -465,3 +463,17 @@ def _check_knobs(
         raise ConfigError(f"MultiHeadLatentAttention rope_base={rope_base} must be positive (10000 is usual).")
     if absorb not in ABSORB:
         raise ConfigError(f"MultiHeadLatentAttention absorb={absorb!r} is unknown; choose one of {', '.join(ABSORB)}.")
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
+    """SDPA for values narrower than queries: q, k (B, H, T|S, d), v (B, H, S, dv <= d) -> (B, H, T, dv).
+
+    The fused kernels (flash on CPU and GPU) need one head width for q, k and v; otherwise SDPA falls
+    back to the math kernel, whose (T, S) scores make memory quadratic. Zero channels padded onto v
+    leave the first ``dv`` output channels exactly as they were.
+    """
+    width, value_width = q.shape[-1], v.shape[-1]
+    if value_width >= width:
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    padded = F.pad(v, (0, width - value_width))  # (B, H, S, d)
+    return F.scaled_dot_product_attention(q, k, padded, **kwargs)[..., :value_width]

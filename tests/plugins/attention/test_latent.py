@@ -383,3 +383,15 @@ def test_cross_attention_is_refused():
     x = torch.randn(1, 3, DIM, dtype=torch.float64)
     with pytest.raises(ConfigError, match="self-attention only"):
         attention(x, position=make_position("none"), positions=torch.arange(3)[None], mask=AttentionMask(), context=x)
+
+
+@pytest.mark.parametrize("absorb", ["never", "always"])
+def test_causal_training_keeps_no_score_matrix_so_memory_stays_linear(absorb):
+    """Values narrower than queries are padded for SDPA, so its fused kernel (no (T, S) scores) applies."""
+    att, T = make_mla(absorb=absorb).float(), 64  # float32: the fused CPU kernel does not take float64
+    x = torch.randn(2, T, att.o_proj.out_features, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        position = NoPosition(dim=DIM, n_heads=N_HEADS, head_dim=DIM // N_HEADS, max_seq_len=T)
+        att(x, position=position, positions=torch.arange(T)[None], mask=AttentionMask(causal=True))
+    assert saved and not [shape for shape in saved if list(shape).count(T) >= 2]
