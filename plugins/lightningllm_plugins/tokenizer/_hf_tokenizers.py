@@ -14,7 +14,64 @@ from lightningllm.tokenizer import SPECIAL_TOKENS, TextStream, Tokenizer
 JSON_FILE = "tokenizer.json"
 
 
-class HFTokenizersTokenizer(Tokenizer):
+class TokenizersBackend(Tokenizer):
+    """A tokenizer backed by a ``tokenizers.Tokenizer`` pipeline (``self._tok``), stored as ``tokenizer.json``.
+
+    Encoding adds nothing around the ids (no post-processor); decoding writes special tokens back as
+    text. Subclasses decide where the pipeline comes from and check it in :meth:`_load_file`.
+    """
+
+    _tok: HFTokenizer | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        self._require_trained()
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def is_trained(self) -> bool:
+        return self._tok is not None
+
+    @property
+    def backend(self) -> HFTokenizer:
+        """The underlying ``tokenizers.Tokenizer``."""
+        self._require_trained()
+        return self._tok
+
+    def token_to_id(self, token: str) -> int:
+        self._require_trained()
+        token_id = self._tok.token_to_id(token)
+        if token_id is None:
+            raise TokenizerError(f"Token {token!r} is not in the {type(self).__name__} vocabulary.")
+        return token_id
+
+    def encode(self, text: str) -> list[int]:
+        self._require_trained()
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(self._check_ids(ids), skip_special_tokens=False)
+
+    def _save_files(self, directory: Path) -> None:
+        self._tok.save(str(directory / JSON_FILE))
+
+    def _load_files(self, directory: Path) -> None:
+        self._load_file(self._resolve_file(directory, JSON_FILE))
+
+    def _load_file(self, file: Path) -> None:
+        """Read ``file`` (:meth:`_read_file`), check it fits this class and set ``self._tok``."""
+        raise NotImplementedError
+
+    def _read_file(self, file: Path) -> HFTokenizer:
+        try:
+            return HFTokenizer.from_file(str(file))
+        except Exception as err:  # noqa: BLE001 - the Rust side raises a bare Exception
+            raise TokenizerError(
+                f"{type(self).__name__} cannot load {str(file)!r}: it is not a tokenizers JSON file ({err})."
+            ) from None
+
+
+class HFTokenizersTokenizer(TokenizersBackend):
     """A ``tokenizers.Tokenizer`` pipeline trained from an iterator, special tokens at ids 0..4.
 
     Subclasses build the untrained pipeline (:meth:`_pipeline`), the trainer (:meth:`_trainer`) and
@@ -56,35 +113,6 @@ class HFTokenizersTokenizer(Tokenizer):
     def init_args(self) -> dict:
         return {"vocab_size": self.target_vocab_size, "min_frequency": self.min_frequency}
 
-    @property
-    def vocab_size(self) -> int:
-        self._require_trained()
-        return self._tok.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def is_trained(self) -> bool:
-        return self._tok is not None
-
-    @property
-    def backend(self) -> HFTokenizer:
-        """The underlying ``tokenizers.Tokenizer``."""
-        self._require_trained()
-        return self._tok
-
-    def token_to_id(self, token: str) -> int:
-        self._require_trained()
-        token_id = self._tok.token_to_id(token)
-        if token_id is None:
-            raise TokenizerError(f"Token {token!r} is not in the {type(self).__name__} vocabulary.")
-        return token_id
-
-    def encode(self, text: str) -> list[int]:
-        self._require_trained()
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(self._check_ids(ids), skip_special_tokens=False)
-
     def train(self, texts: Iterable[str], vocab_size: int | None = None) -> None:
         """Train on ``texts``.
 
@@ -120,20 +148,9 @@ class HFTokenizersTokenizer(Tokenizer):
             )
         self._tok = tok
 
-    def _save_files(self, directory: Path) -> None:
-        self._tok.save(str(directory / JSON_FILE))
-
-    def _load_files(self, directory: Path) -> None:
-        self._load_file(self._resolve_file(directory, JSON_FILE))
-
     def _load_file(self, file: Path) -> None:
         name = type(self).__name__
-        try:
-            tok = HFTokenizer.from_file(str(file))
-        except Exception as err:  # noqa: BLE001 - the Rust side raises a bare Exception
-            raise TokenizerError(
-                f"{name} cannot load {str(file)!r}: it is not a tokenizers JSON file ({err})."
-            ) from None
+        tok = self._read_file(file)
         problem = self._pipeline_problem(tok)
         if problem:
             raise TokenizerError(

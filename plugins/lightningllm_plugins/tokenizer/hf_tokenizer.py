@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-
-from tokenizers import Tokenizer as Backend
 
 from lightningllm.errors import TokenizerError
 from lightningllm.registry import register
-from lightningllm.tokenizer import Tokenizer
+from lightningllm_plugins.tokenizer._hf_tokenizers import JSON_FILE, TokenizersBackend
 
-JSON_FILE = "tokenizer.json"
 ROLES = ("pad", "unk", "bos", "eos", "mask")
 
 
 @register("tokenizer")
-class HFTokenizer(Tokenizer):
+class HFTokenizer(TokenizersBackend):
     """Any ``tokenizers`` pipeline loaded from a ``tokenizer.json`` (Hugging Face fast tokenizers).
 
     Wraps ``tokenizers.Tokenizer.from_file`` (the tokenizers library of Moi et al., Hugging Face)
@@ -53,31 +50,8 @@ class HFTokenizer(Tokenizer):
                 f"{', '.join(ROLES)}."
             )
         self.special_tokens = {role: token for role, token in special_tokens.items() if token is not None}
-        self._tok: Backend | None = None
         if path is not None:
             self._load_file(self._resolve_file(path, JSON_FILE))
-
-    @property
-    def vocab_size(self) -> int:
-        self._require_trained()
-        return self._tok.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def is_trained(self) -> bool:
-        return self._tok is not None
-
-    @property
-    def backend(self) -> Backend:
-        """The underlying ``tokenizers.Tokenizer``."""
-        self._require_trained()
-        return self._tok
-
-    def token_to_id(self, token: str) -> int:
-        self._require_trained()
-        token_id = self._tok.token_to_id(token)
-        if token_id is None:
-            raise TokenizerError(f"Token {token!r} is not in the HFTokenizer vocabulary.")
-        return token_id
 
     def role_id(self, role: str) -> int:
         """The id of the token that plays ``role`` (``pad``, ``unk``, ``bos``, ``eos`` or ``mask``)."""
@@ -111,13 +85,6 @@ class HFTokenizer(Tokenizer):
     def mask_id(self) -> int:
         return self.role_id("mask")
 
-    def encode(self, text: str) -> list[int]:
-        self._require_trained()
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(self._check_ids(ids), skip_special_tokens=False)
-
     def train(self, texts: Iterable[str], vocab_size: int | None = None) -> None:
         raise TokenizerError(
             "HFTokenizer wraps an imported vocabulary, which cannot be retrained (the checkpoint's embeddings "
@@ -127,19 +94,8 @@ class HFTokenizer(Tokenizer):
     def init_args(self) -> dict:
         return {"vocab_size": self.target_vocab_size, "special_tokens": dict(self.special_tokens)}
 
-    def _save_files(self, directory: Path) -> None:
-        self._tok.save(str(directory / JSON_FILE))
-
-    def _load_files(self, directory: Path) -> None:
-        self._load_file(self._resolve_file(directory, JSON_FILE))
-
     def _load_file(self, file: Path) -> None:
-        try:
-            tok = Backend.from_file(str(file))
-        except Exception as err:  # noqa: BLE001 - the Rust side raises a bare Exception
-            raise TokenizerError(
-                f"HFTokenizer cannot load {str(file)!r}: it is not a tokenizers JSON file ({err})."
-            ) from None
+        tok = self._read_file(file)
         missing = {role: t for role, t in self.special_tokens.items() if tok.token_to_id(t) is None}
         if missing:
             raise TokenizerError(
