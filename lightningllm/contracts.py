@@ -378,3 +378,32 @@ def module_metrics(model: nn.Module) -> dict[str, Tensor]:
             sums[key] = sums.get(key, 0.0) + value
             counts[key] = counts.get(key, 0) + 1
     return {key: total / counts[key] for key, total in sums.items()}
+
+
+def prepare_distributed(model: nn.Module) -> list[str]:
+    """Let plugins split themselves over ranks once the process group exists; hide what differs from DDP.
+
+    A plugin that holds a different share of its parameters on each rank (mixture-of-experts expert
+    parallelism) defines ``prepare_distributed() -> list[str]``: it splits itself and returns the names,
+    relative to itself, of its parameters and buffers that now differ per rank. DDP is told to leave
+    those unsynchronised. Tasks call this from ``configure_model``, which Lightning runs after the
+    strategy has set up the process group and before DDP wraps the module and the optimizer sees the
+    parameters. Without a process group the plugins keep everything; calling it twice is harmless.
+
+    Args:
+        model: the module DDP will wrap (names are relative to it).
+
+    Returns:
+        The names DDP ignores (also set on ``model`` for DDP to read).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    ignore = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    for name, module in model.named_modules():
+        hook = getattr(module, "prepare_distributed", None)
+        if callable(hook):
+            names = [f"{name}.{key}" if name else key for key in hook()]
+            ignore += [key for key in names if key not in ignore]
+    if ignore:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+    return ignore

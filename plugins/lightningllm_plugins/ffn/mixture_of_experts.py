@@ -9,7 +9,6 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 from lightningllm import registry
 from lightningllm.contracts import FeedForward
@@ -101,20 +100,21 @@ class MixtureOfExperts(FeedForward):
     every forward (a rank generating alone would wait forever). The group is either given as
     ``process_group`` (the experts are split at construction; only the local ones are built) or
     requested with ``expert_parallel=True``, which YAML can hold: every rank then builds all
-    experts and :func:`prepare_expert_parallel` keeps this rank's share over the default (WORLD)
+    experts and :func:`lightningllm.contracts.prepare_distributed` keeps this rank's share over the default (WORLD)
     group once it exists. In Lightning that is ``LightningModule.configure_model``, which runs after
     the strategy has initialised the process group and before DDP wraps the model and the optimizer
     sees the parameters. In a single process (no group initialised) ``expert_parallel=True`` runs
     every expert locally, so the same config trains anywhere.
 
     Under DDP the experts of different ranks are different parameters and must not be averaged:
-    :func:`prepare_expert_parallel` (called on the module that DDP wraps) marks them for DDP to
-    ignore. Gradients: DDP averages a replicated parameter's gradient over ranks, the gradient of the
-    mean of the ranks' losses; an expert receives the gradient of every rank's loss through the
-    ``all_to_all``, so its gradient is scaled by ``1 / W`` on the way back and is likewise the
-    gradient of that mean (equal to the single-process gradient of the mean loss over the global
-    batch when ranks have equal batches). The group must span all ranks (WORLD-sized): with
-    smaller groups, copies of one expert on several groups would need averaging DDP no longer does.
+    :meth:`prepare_distributed` (called through :func:`lightningllm.contracts.prepare_distributed`
+    on the module that DDP wraps) marks them for DDP to ignore. Gradients: DDP averages a replicated
+    parameter's gradient over ranks, the gradient of the mean of the ranks' losses; an expert
+    receives the gradient of every rank's loss through the ``all_to_all``, so its gradient is scaled
+    by ``1 / W`` on the way back and is likewise the gradient of that mean (equal to the
+    single-process gradient of the mean loss over the global batch when ranks have equal batches).
+    The group must span all ranks (WORLD-sized): with smaller groups, copies of one expert on
+    several groups would need averaging DDP no longer does.
 
     Checkpoints: each rank's ``state_dict`` holds only its experts, under their global indices
     (``experts.5.gate_proj.weight`` lives on the rank owning expert 5), so loading one rank's
@@ -137,7 +137,7 @@ class MixtureOfExperts(FeedForward):
         aux_loss_weight: weight of the load-balancing loss (Switch: 0.01).
         z_loss_weight: weight of the router z-loss (ST-MoE: 0.001; 0 disables it).
         expert_parallel: split the experts over the default (WORLD) process group once
-            :func:`prepare_expert_parallel` runs (from ``configure_model`` in Lightning); a single
+            :func:`lightningllm.contracts.prepare_distributed` runs (tasks call it from ``configure_model``); a single
             process runs them all.
         process_group: split the experts over this ``torch.distributed`` group now (Python API;
             None: no expert parallelism unless ``expert_parallel``).
@@ -195,7 +195,7 @@ class MixtureOfExperts(FeedForward):
         """Keep only this rank's share of the experts; the others' modules are dropped.
 
         Call it before DDP wraps the model and before an optimizer sees the parameters (in Lightning:
-        from ``configure_model``); :func:`prepare_expert_parallel` calls it on every layer that asked
+        from ``configure_model``); :meth:`prepare_distributed` calls it on every layer that asked
         for ``expert_parallel``. On a model built on the meta device only the kept experts need
         materialising.
 
@@ -218,6 +218,18 @@ class MixtureOfExperts(FeedForward):
         first, count = _expert_slice(self.n_experts, group)
         self.experts = ExpertSlice(list(self.experts)[first : first + count], first=first)
         self.process_group = group
+
+    def prepare_distributed(self) -> list[str]:
+        """Split the experts if built with ``expert_parallel`` and a process group exists; name what differs per rank.
+
+        Called by :func:`lightningllm.contracts.prepare_distributed`. Returns the names (relative to this
+        layer) of the expert parameters and buffers this rank holds alone, which DDP must not average.
+        """
+        if self.expert_parallel and self.process_group is None and dist.is_available() and dist.is_initialized():
+            self.shard_experts()
+        if self.process_group is None:
+            return []
+        return [f"experts.{key}" for key, _ in [*self.experts.named_parameters(), *self.experts.named_buffers()]]
 
     def metrics(self) -> dict[str, Tensor]:
         """What the last forward routed: each expert's share of the assignments and the dropped fraction."""
@@ -251,7 +263,7 @@ class MixtureOfExperts(FeedForward):
                 f"MixtureOfExperts was built with expert_parallel=True and runs in a process group of "
                 f"{dist.get_world_size()} ranks, but its experts were never split over them, so every rank would "
                 "hold and train its own copy of all experts. Call "
-                "lightningllm_plugins.ffn.mixture_of_experts.prepare_expert_parallel(module) on the module DDP "
+                "lightningllm.contracts.prepare_distributed(module) on the module DDP "
                 "wraps, once the process group exists and before DDP wraps it: in Lightning, from "
                 "LightningModule.configure_model."
             )
@@ -410,40 +422,6 @@ class _AllToAll(torch.autograd.Function):
         back = grad.new_empty(sum(ctx.in_splits), *grad.shape[1:])
         dist.all_to_all_single(back, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
         return back * ctx.grad_scale, None, None, None, None
-
-
-def prepare_expert_parallel(module: nn.Module) -> list[str]:
-    """Split the experts of every ``expert_parallel`` layer in ``module`` and hide all split experts from DDP.
-
-    Call it on the module that DDP will wrap (in Lightning, the ``LightningModule``: ``prepare_expert_parallel(self)``
-    from ``configure_model``), after the process group exists and before wrapping. Layers built with
-    ``expert_parallel=True`` are split over the default WORLD group; layers built with a
-    ``process_group`` already are. Without an initialised process group nothing is split and every
-    expert runs locally. Calling it again is harmless.
-
-    Args:
-        module: the root module (parameter names are relative to it, as DDP reads them).
-
-    Returns:
-        The names of the expert parameters and buffers DDP will ignore (set as
-        ``module._ddp_params_and_buffers_to_ignore``, keeping any names already there).
-    """
-    distributed = dist.is_available() and dist.is_initialized()
-    ignore: list[str] = []
-    for name, layer in module.named_modules():
-        if not isinstance(layer, MixtureOfExperts):
-            continue
-        if layer.expert_parallel and layer.process_group is None and distributed:
-            layer.shard_experts()
-        if layer.process_group is not None:
-            prefix = f"{name}.experts." if name else "experts."
-            ignore += [prefix + key for key, _ in layer.experts.named_parameters()]
-            ignore += [prefix + key for key, _ in layer.experts.named_buffers()]
-    if ignore:
-        already = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
-        ignore = already + [key for key in ignore if key not in already]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignore)
-    return ignore
 
 
 def gather_expert_state_dict(module: nn.Module) -> dict[str, Tensor]:

@@ -19,11 +19,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from lightningllm.contracts import prepare_distributed
 from lightningllm.errors import ConfigError
 from lightningllm_plugins.ffn.mixture_of_experts import (
     MixtureOfExperts,
     gather_expert_state_dict,
-    prepare_expert_parallel,
 )
 
 WORLD = 2
@@ -191,7 +191,7 @@ def refusal_worker(rank: int) -> dict[str, str]:
     for name, build in {
         "process_group": lambda: MixtureOfExperts(dim=4, hidden_dim=8, n_experts=3, top_k=1,
                                                   process_group=dist.group.WORLD),
-        "prepare": lambda: prepare_expert_parallel(MixtureOfExperts(dim=4, hidden_dim=8, n_experts=3, top_k=1,
+        "prepare": lambda: prepare_distributed(MixtureOfExperts(dim=4, hidden_dim=8, n_experts=3, top_k=1,
                                                                     expert_parallel=True)),
         "never_split": lambda: MixtureOfExperts(dim=4, hidden_dim=8, n_experts=4, expert_parallel=True)(
             torch.randn(1, 2, 4)),
@@ -218,7 +218,7 @@ def test_without_a_process_group_expert_parallel_runs_every_expert_locally():
     plain = MixtureOfExperts(dim=4, hidden_dim=8, n_experts=4)
     torch.manual_seed(0)
     parallel = MixtureOfExperts(dim=4, hidden_dim=8, n_experts=4, expert_parallel=True)
-    assert prepare_expert_parallel(parallel) == []  # no group: nothing split, nothing hidden from DDP
+    assert prepare_distributed(parallel) == []  # no group: nothing split, nothing hidden from DDP
     assert list(parallel.local_experts) == [0, 1, 2, 3] and parallel.state_dict().keys() == plain.state_dict().keys()
     x = torch.randn(2, 5, 4)
     torch.testing.assert_close(parallel(x), plain(x))
@@ -249,7 +249,7 @@ def train_decoder(batch_size: int, rank: int | None = None) -> list[float]:
 
     class ExpertParallelLM(CausalLM):  # what a task's configure_model does for expert parallelism
         def configure_model(self) -> None:
-            prepare_expert_parallel(self)
+            prepare_distributed(self)
             super().configure_model()
 
     class Losses(L.Callback):
