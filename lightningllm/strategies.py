@@ -9,6 +9,7 @@ when the strategy sets it up.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any, Literal
 
@@ -64,10 +65,91 @@ def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> None:
     Compiling block by block (as torchtitan does) keeps parameter names, state dicts and exports
     unchanged, compiles one layer's graph once for all identical layers, and composes with FSDP,
     which wraps the compiled blocks. The embedding, the head and the loss stay eager.
+
+    KV-cache decoding runs through the same compiled blocks. The caches are preallocated (static
+    buffers), but the number of positions filled so far is a Python int on the cache module, which
+    dynamo would treat as a constant and recompile for at every decoding step (falling back to eager
+    after ``recompile_limit`` steps). The blocks are therefore traced with
+    ``allow_unspec_int_on_nn_module``: that count becomes a symbolic size, and a whole generation
+    compiles two graphs (the prompt and the one-token step) instead of one per token.
+
+    Args:
+        model: the model whose blocks are compiled.
+        **compile_kwargs: ``torch.compile`` arguments (``backend``, ``mode``, ``dynamic``, ...).
     """
     for module in model.modules():
-        if isinstance(module, Block):
+        if isinstance(module, Block) and not isinstance(module._compiled_call_impl, partial):
             module.compile(**compile_kwargs)
+            module._compiled_call_impl = partial(_call_with_symbolic_module_ints, module._compiled_call_impl)
+
+
+def _call_with_symbolic_module_ints(compiled: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call a compiled block; integer attributes of modules it reads (cache lengths) are traced as symbols."""
+    with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+        return compiled(*args, **kwargs)
+
+
+def materialize_unit(unit: nn.Module, device: torch.device, stacks: list[nn.Module]) -> None:
+    """Give the meta tensors of one FSDP unit real storage on ``device`` and our initialisation.
+
+    ``unit`` is the module FSDP is about to shard, without the units already wrapped inside it. Its
+    modules get storage (``to_empty``), then the rule of the :class:`~lightningllm.models.base.TransformerStack`
+    they belong to, restricted to them: Normal(0, ``init_std``) linears and embeddings (residual outputs
+    scaled by ``1 / sqrt(2 * n_layers)``), zero biases, then each plugin's own ``reset_parameters``.
+    Modules outside any stack get their own ``reset_parameters``. Parameters shared by several modules
+    (tied embeddings) stay shared. Does nothing when ``unit`` holds no meta tensor. Called by FSDP as its
+    ``param_init_fn`` on every module of a unit, parents first: the first call, on the unit's root, does
+    the whole unit.
+
+    Args:
+        unit: the module FSDP wraps next.
+        device: where its tensors are materialised.
+        stacks: every ``TransformerStack`` of the model, outermost first.
+    """
+    from torch.distributed.fsdp._common_utils import _get_module_fsdp_state
+
+    from lightningllm.models.base import RESIDUAL_OUTPUTS
+
+    modules, queue = [], [unit]  # the unit's own modules, not those of units already wrapped inside it
+    while queue:
+        module = queue.pop(0)
+        modules.append(module)
+        queue += [child for child in module.children() if _get_module_fsdp_state(child) is None]
+    on_meta = [m for m in modules if any(t.is_meta for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])]
+    if not on_meta:
+        return
+    owner: dict[int, nn.Module] = {}
+    for stack in stacks:  # the innermost stack holding a module gives its rule
+        owner.update({id(m): stack for m in stack.modules()})
+    shared: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in on_meta:
+        for name, param in module.named_parameters(recurse=False):
+            shared.setdefault(id(param), []).append((module, name))
+    with torch.no_grad():
+        for module in on_meta:
+            module.to_empty(device=device, recurse=False)
+        for users in shared.values():  # to_empty replaced each module's parameter with its own: share again
+            first_module, first_name = users[0]
+            for module, name in users[1:]:
+                setattr(module, name, getattr(first_module, first_name))
+        names = {id(m): name for name, m in unit.named_modules()}
+        for module in modules:
+            stack = owner.get(id(module))
+            if stack is not None and isinstance(module, (nn.Linear, nn.Embedding)):
+                residual = names.get(id(module), "").rsplit(".", 1)[-1] in RESIDUAL_OUTPUTS
+                std = stack.init_std / math.sqrt(2 * stack.n_layers) if residual else stack.init_std
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        # then the plugins' own rules, which may override the defaults for their parameters; not the stacks' own
+        # rule, nor that of any module holding an already sharded unit, whose reset would reach into the shards
+        for module in modules:
+            if (id(module) in owner and isinstance(module, (nn.Linear, nn.Embedding))) or module in stacks:
+                continue
+            if any(_get_module_fsdp_state(m) is not None for m in module.modules() if m is not module):
+                continue
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
 
 
 def prepare_blocks(model: nn.Module, *, activation_checkpointing: bool = False, compile: bool = False) -> None:
@@ -133,6 +215,10 @@ class FSDPStrategy(LightningFSDPStrategy):
             self.kwargs["auto_wrap_policy"] = block_wrap_policy(model)
         if self.checkpoint_blocks and not self._activation_checkpointing_kwargs:
             self._activation_checkpointing_kwargs = {"check_fn": lambda module: isinstance(module, Block)}
+        if "param_init_fn" not in self.kwargs and _has_meta_tensors(model):
+            self.kwargs["param_init_fn"] = partial(
+                materialize_unit, device=self.root_device, stacks=[m for m in model.modules() if _is_stack(m)]
+            )
         if self.root_device.type == "cpu":
             model = self._wrap_on_cpu(model)
         return super()._setup_model(model)
@@ -150,3 +236,13 @@ class FSDPStrategy(LightningFSDPStrategy):
         )  # fmt: skip
         self.kwargs.pop("auto_wrap_policy", None)  # already applied: keeps Lightning from warning that it is ignored
         return wrapped
+
+
+def _has_meta_tensors(model: nn.Module) -> bool:
+    return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
+def _is_stack(module: nn.Module) -> bool:
+    from lightningllm.models.base import TransformerStack
+
+    return isinstance(module, TransformerStack)

@@ -16,6 +16,7 @@ batch ``W * B``, and ``set_epoch``, which Lightning calls each epoch, reshuffles
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sized
 from typing import Any
 
@@ -31,7 +32,8 @@ class ResumableSampler(DistributedSampler):
         shuffle: a new permutation each epoch (seeded by ``seed + epoch``) or the dataset order.
         seed: seed of the permutation; the same on every rank.
         num_replicas: processes sharing the data (None: the process group's world size, 1 without one).
-        rank: this process's rank (None: from the process group, 0 without one).
+        rank: this process's rank (None: from the process group, 0 without one). With both None the
+            sampler follows the process group even if it was built before it (a loader made before ``fit``).
     """
 
     def __init__(
@@ -43,17 +45,37 @@ class ResumableSampler(DistributedSampler):
         num_replicas: int | None = None,
         rank: int | None = None,
     ) -> None:
-        distributed = dist.is_available() and dist.is_initialized()
-        num_replicas = num_replicas if num_replicas is not None else (dist.get_world_size() if distributed else 1)
-        rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
+        self._from_group = num_replicas is None and rank is None
+        replicas, this_rank = _group()
+        num_replicas = replicas if num_replicas is None else num_replicas
+        rank = this_rank if rank is None else rank
         # drop_last=False: like Lightning's own sampler, the last samples are repeated so every rank has as many
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)  # type: ignore[arg-type]
         self.skip = 0
 
+    def _follow_the_group(self) -> None:
+        """Built before the process group existed (a loader made before ``fit``): shard over it now."""
+        if self._from_group and (self.num_replicas, self.rank) != _group():
+            self.num_replicas, self.rank = _group()
+            self.num_samples = math.ceil(len(self.dataset) / self.num_replicas)  # type: ignore[arg-type]
+            self.total_size = self.num_samples * self.num_replicas
+
+    def __len__(self) -> int:
+        self._follow_the_group()
+        return super().__len__()
+
     def __iter__(self) -> Iterator[int]:
+        self._follow_the_group()
         indices = list(super().__iter__())
         skip, self.skip = self.skip, 0  # only the first epoch after a resume starts part-way
         return iter(indices[skip:])
+
+
+def _group() -> tuple[int, int]:
+    """(world size, rank) of the default process group, (1, 0) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
 
 
 class ResumableDataLoader(DataLoader):
@@ -66,7 +88,7 @@ class ResumableDataLoader(DataLoader):
         **kwargs: any other ``DataLoader`` argument (``drop_last``, ``num_workers``, ...).
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, sampler: ResumableSampler, **kwargs: Any) -> None:
+    def __init__(self, dataset: Dataset, *, batch_size: int, sampler: ResumableSampler, **kwargs: Any) -> None:
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
         self._yielded = 0  # batches of the current epoch handed out so far
         self._resume_at = 0
@@ -82,12 +104,15 @@ class ResumableDataLoader(DataLoader):
     def state_dict(self) -> dict[str, int]:
         """How far into which epoch: the samples consumed over all ranks, so a resume with as many ranks
         continues exactly (with another number of ranks, it still trains on the epoch's unseen samples)."""
-        sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
-        return {"epoch": sampler.epoch, "samples": self._yielded * self.batch_size * sampler.num_replicas}
+        replicas = getattr(self.sampler, "num_replicas", 1)
+        return {"epoch": getattr(self.sampler, "epoch", 0), "samples": self._yielded * self.batch_size * replicas}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Start the next iteration where the saved one stopped (from the start if its epoch had ended)."""
-        sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
+        sampler = self.sampler
+        if not isinstance(sampler, ResumableSampler):  # Lightning replaced it (overfit_batches): start over
+            return
+        sampler._follow_the_group()
         batches = state["samples"] // sampler.num_replicas // self.batch_size
         if batches >= len(self):  # saved on the epoch's last batch: the next epoch starts afresh
             batches = 0
@@ -111,4 +136,5 @@ def resumable_loader(
         **kwargs: any other ``DataLoader`` argument.
     """
     sampler = ResumableSampler(dataset, shuffle=shuffle, seed=seed)  # type: ignore[arg-type]
-    return ResumableDataLoader(dataset, batch_size, sampler, **kwargs)
+    # keywords only: Lightning may build the loader again with another sampler (overfit_batches)
+    return ResumableDataLoader(dataset, batch_size=batch_size, sampler=sampler, **kwargs)

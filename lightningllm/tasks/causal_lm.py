@@ -11,7 +11,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.text import Perplexity
 
-from lightningllm.contracts import aux_loss, module_metrics
+from lightningllm.contracts import aux_loss, module_metrics, prepare_distributed
 from lightningllm.errors import ConfigError
 from lightningllm.hparams import save_hyperparameters
 from lightningllm.strategies import prepare_blocks
@@ -65,6 +65,7 @@ class CausalLM(L.LightningModule):
         self._step_started: float | None = None
 
     def configure_model(self) -> None:
+        prepare_distributed(self)  # plugins that shard over ranks (expert parallelism) split before DDP wraps
         prepare_blocks(self.model, activation_checkpointing=self.activation_checkpointing, compile=self.compile_blocks)
 
     def setup(self, stage: str) -> None:

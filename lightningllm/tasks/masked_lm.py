@@ -11,7 +11,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from lightningllm.contracts import aux_loss
+from lightningllm.contracts import aux_loss, prepare_distributed
 from lightningllm.errors import ConfigError
 from lightningllm.hparams import save_hyperparameters
 from lightningllm.strategies import prepare_blocks
@@ -145,6 +145,7 @@ class MaskedLM(L.LightningModule):
         self.test_accuracy = MeanMetric()
 
     def configure_model(self) -> None:
+        prepare_distributed(self)  # plugins that shard over ranks (expert parallelism) split before DDP wraps
         prepare_blocks(self.model, activation_checkpointing=self.activation_checkpointing, compile=self.compile_blocks)
 
     def setup(self, stage: str) -> None:

@@ -21,9 +21,10 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from lightningllm.contracts import aux_loss, module_metrics
+from lightningllm.contracts import aux_loss, module_metrics, prepare_distributed
 from lightningllm.errors import ConfigError, DataError
 from lightningllm.hparams import save_hyperparameters
+from lightningllm.strategies import prepare_blocks
 from lightningllm.tasks.optim import Schedule, param_groups, warmup_then_decay
 from lightningllm.tokenizer import Tokenizer
 
@@ -208,6 +209,8 @@ class SpanCorruption(L.LightningModule):
         warmup_steps: linear warmup from zero.
         schedule: decay after warmup, over the Trainer's total optimizer steps.
         min_lr_ratio: final learning rate as a fraction of the peak.
+        activation_checkpointing: recompute each ``Block`` in the backward pass to save memory.
+        compile: ``torch.compile`` each ``Block`` (names and exports unchanged).
     """
 
     def __init__(
@@ -221,6 +224,8 @@ class SpanCorruption(L.LightningModule):
         warmup_steps: int = 100,
         schedule: Schedule = "cosine",
         min_lr_ratio: float = 0.1,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         save_hyperparameters(self, injected=("model", "optimizer"))
@@ -236,10 +241,15 @@ class SpanCorruption(L.LightningModule):
         self.noise_density, self.mean_span_length = noise_density, mean_span_length
         self.first_sentinel_id, self.eos_id = first_sentinel_id, eos_id
         self.warmup_steps, self.schedule, self.min_lr_ratio = warmup_steps, schedule, min_lr_ratio
+        self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
         self.val_accuracy = MeanMetric()
         self.test_accuracy = MeanMetric()
         if first_sentinel_id is not None:
             self._check_room(first_sentinel_id, None)
+
+    def configure_model(self) -> None:
+        prepare_distributed(self)
+        prepare_blocks(self.model, activation_checkpointing=self.activation_checkpointing, compile=self.compile_blocks)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

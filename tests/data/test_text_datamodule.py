@@ -353,3 +353,68 @@ def test_with_registered_char_tokenizer(tmp_path):
     again = _datamodule(tmp_path, tokenizer=get("tokenizer", "CharTokenizer")(), seq_len=12, val_documents=2)
     again.setup("fit")
     assert again.tokenizer.encode("w3_4") == dm.tokenizer.encode("w3_4")
+
+
+def _rows(batches) -> list[list[int]]:
+    return [row for batch in batches for row in (batch["input_ids"] if isinstance(batch, dict) else batch).tolist()]
+
+
+def test_ranks_shard_one_order_so_two_ranks_see_the_batches_of_one_with_twice_the_batch():
+    from lightningllm.data.resumable import ResumableDataLoader, ResumableSampler
+
+    data = torch.arange(40).unsqueeze(1)  # 40 samples, each its own index
+
+    def loader(batch_size, num_replicas, rank):
+        sampler = ResumableSampler(data, seed=5, num_replicas=num_replicas, rank=rank)
+        return ResumableDataLoader(data, batch_size=batch_size, sampler=sampler, drop_last=True)
+
+    one, ranks = loader(8, 1, 0), [loader(4, 2, r) for r in (0, 1)]
+    orders = []
+    for epoch in (0, 1):  # set_epoch reshuffles, identically on every rank
+        for dl in (one, *ranks):
+            dl.sampler.set_epoch(epoch)
+        single = [sorted(b.flatten().tolist()) for b in one]
+        union = [sorted(a.flatten().tolist() + b.flatten().tolist()) for a, b in zip(*ranks)]
+        assert single == union and len(single) == 5
+        orders.append(sum(single, []))
+    assert sorted(orders[0]) == list(range(40)) and orders[0] != list(range(40))  # every sample, shuffled
+    assert orders[0] != orders[1]
+
+
+def test_train_loader_resumes_mid_epoch_from_its_state(tmp_path):
+    dm = _datamodule(tmp_path, seq_len=6, stride=4, batch_size=3, seed=7)
+    dm.setup("fit")
+    epoch = list(dm.train_dataloader())
+    length = len(epoch)
+    assert length >= 4
+
+    stopped = dm.train_dataloader()
+    stopped.sampler.set_epoch(0)
+    iterator = iter(stopped)
+    done = [next(iterator) for _ in range(2)]
+    state = stopped.state_dict()
+    assert state == {"epoch": 0, "samples": 6}
+
+    resumed = dm.train_dataloader()  # a fresh loader, as after a restart
+    resumed.load_state_dict(state)
+    assert len(resumed) == length  # Lightning counts the done batches itself: len stays the epoch's
+    rest = list(resumed)
+    assert _rows(done + rest) == _rows(epoch)
+    assert resumed.state_dict() == {"epoch": 0, "samples": 3 * length}
+    assert _rows(resumed) == _rows(epoch)  # the next iteration starts at the epoch's beginning again
+
+    at_end = dm.train_dataloader()
+    at_end.load_state_dict({"epoch": 0, "samples": 3 * length})  # saved on the epoch's last batch
+    at_end.sampler.set_epoch(1)
+    assert len(list(at_end)) == length  # the next epoch is whole
+
+
+def test_a_sampler_built_before_the_process_group_shards_over_it(monkeypatch):
+    import lightningllm.data.resumable as resumable
+
+    sampler = resumable.ResumableSampler(list(range(10)), shuffle=False)  # e.g. train_dataloader() before fit
+    assert len(sampler) == 10
+    monkeypatch.setattr(resumable, "_group", lambda: (2, 1))  # then DDP starts: rank 1 of 2
+    assert len(sampler) == 5 and list(sampler) == [1, 3, 5, 7, 9]
+    fixed = resumable.ResumableSampler(list(range(10)), shuffle=False, num_replicas=1, rank=0)
+    assert list(fixed) == list(range(10))  # explicit sizes are kept

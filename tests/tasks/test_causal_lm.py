@@ -149,3 +149,35 @@ def test_bidirectional_model_is_refused():
                       block=get("block", "PreNorm"))  # fmt: skip
     with pytest.raises(ConfigError, match="Encoder attends bidirectionally"):
         CausalLM(encoder)
+
+
+@pytest.mark.slow  # inductor compiles C++ for each graph: ~40 s of CPU (the eager-backend check is in the default run)
+def test_compile_switch_trains_and_decodes_with_the_kv_cache_like_eager(decoder_factory, tmp_path):
+    from torch._dynamo.utils import counters
+
+    from lightningllm.generation import generate
+    from lightningllm.models import Decoder
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    task = CausalLM(decoder_factory(vocab_size=16, max_seq_len=16), compile=True, warmup_steps=1)
+    data = (torch.randint(0, 16, (8, 1)) + torch.arange(9)) % 16
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(task, DataLoader(data, batch_size=4))
+    assert trainer.global_step == 2
+    model = task.model
+    assert all(blk._compiled_call_impl is not None for blk in model.blocks)  # each Block compiled in place
+    eager = Decoder.from_config(model.config)
+    eager.load_state_dict(model.state_dict())  # names unchanged by compiling
+    prompt = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    with torch.no_grad():
+        cache, eager_cache = model.make_cache(2, 12), eager.make_cache(2, 12)
+        torch.testing.assert_close(model(prompt, cache=cache), eager(prompt, cache=eager_cache))
+        for token in ([[9], [10]], [[11], [12]]):  # single-token steps through the preallocated cache
+            step = torch.tensor(token)
+            torch.testing.assert_close(model(step, cache=cache), eager(step, cache=eager_cache))
+        greedy = generate(model, prompt, 8, top_k=1)  # 12 positions: fills the window and no slide
+        assert torch.equal(greedy, generate(eager, prompt, 8, top_k=1))
+    assert counters["stats"]["unique_graphs"] > 0  # the compiled blocks ran (graphs were captured)

@@ -253,3 +253,26 @@ def test_shipped_config_parses(capsys):
         main(["fit", "--config", "configs/pretrain/t5-shakespeare.yaml", "--print_config"])
     assert exit_info.value.code == 0
     assert "EncoderDecoder" in capsys.readouterr().out
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from lightningllm.models import EncoderDecoder
+    from lightningllm.registry import get
+    from lightningllm.tasks import SpanCorruption
+
+    plugins = {k: get(k, n) for k, n in [("attention", "MultiHeadAttention"), ("ffn", "MLP"), ("norm", "RMSNorm"),
+               ("position", "RoPE"), ("block", "PreNorm")]}  # fmt: skip
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = EncoderDecoder(vocab_size=40, dim=32, n_layers=2, n_heads=4, **plugins)
+        task = SpanCorruption(model, first_sentinel_id=30, activation_checkpointing=checkpointing)
+        task.configure_model()
+        wrapped = [n for n, _ in model.named_modules() if n.endswith("_checkpoint_wrapped_module")]
+        assert len(wrapped) == (4 if checkpointing else 0)  # every encoder and decoder block
+        src, tgt = torch.randint(5, 30, (2, 12)), torch.randint(5, 30, (2, 6))
+        torch.nn.functional.cross_entropy(model(src, model.shift_right(tgt)).flatten(0, 1), tgt.flatten()).backward()
+        grads.append({n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)

@@ -247,11 +247,6 @@ def train_decoder(batch_size: int, rank: int | None = None) -> list[float]:
     from lightningllm.registry import get
     from lightningllm.tasks import CausalLM
 
-    class ExpertParallelLM(CausalLM):  # what a task's configure_model does for expert parallelism
-        def configure_model(self) -> None:
-            prepare_distributed(self)
-            super().configure_model()
-
     class Losses(L.Callback):
         def __init__(self) -> None:
             self.losses: list[float] = []
@@ -264,7 +259,7 @@ def train_decoder(batch_size: int, rank: int | None = None) -> list[float]:
                     ffn=partial(get("ffn", "MixtureOfExperts"), expert="MLP", **MOE), norm=get("norm", "LayerNorm"),
                     position=get("position", "LearnedPosition"), block=get("block", "PreNorm"), max_seq_len=16,
                     hidden_dim=32)  # fmt: skip
-    task = ExpertParallelLM(model, optimizer=partial(torch.optim.AdamW, lr=3e-2), warmup_steps=0, schedule="constant")
+    task = CausalLM(model, optimizer=partial(torch.optim.AdamW, lr=3e-2), warmup_steps=0, schedule="constant")
     rows = (torch.arange(16).repeat(2)[None, :13] + torch.tensor([0, 5, 9, 12])[:, None]) % 16  # (4, 13) cycles
     ids = rows.repeat(STEPS, 1)  # (STEPS * 4, 13): the same global batch of 4 every step
     recorder = Losses()
