@@ -88,6 +88,9 @@ def from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Conversion
     config = our_config(family, hf_config, source=str(hf_dir))
     notes: list[str] = []
     with _checkpoint(hf_dir) as tensors:
+        if family.from_weights is not None:
+            for path, value in family.from_weights(frozenset(tensors)).items():
+                set_path(config, path, value)
         model = _build_loaded(family, config, tensors, notes, source=str(hf_dir))
     tokenizer = _read_tokenizer(hf_dir, hf_config, notes)
     export(model, out_dir, tokenizer=tokenizer)
@@ -195,7 +198,7 @@ def _build_loaded(
         model = family.model_class.from_config(config)
     canonical, aliases = _canonical_names(model)
     targets = {name: tensor for name, tensor in model.state_dict().items()}
-    plan, alias_hf = _plan(family, canonical, aliases)
+    plan, alias_hf = _plan(family, canonical, aliases, model.config)
     expected = {name for hf, _, weight in plan for name in _hf_names(hf, weight)} | set(alias_hf)
     names = _normalised_names(family, handles, expected)
 
@@ -268,14 +271,14 @@ def _canonical_names(model: nn.Module) -> tuple[list[str], dict[str, str]]:
 
 
 def _plan(
-    family: Family, canonical: list[str], aliases: dict[str, str]
+    family: Family, canonical: list[str], aliases: dict[str, str], config: Mapping[str, Any]
 ) -> tuple[list[tuple[str, tuple[str, ...], Weight]], set[str]]:
     """[(HF name, our names, rule)] covering every canonical name once; and the HF names of tied aliases."""
     plan, covered, alias_hf = [], set(), set()
     for name in [*canonical, *aliases]:
         if name in covered:
             continue
-        match = _match(family, name)
+        match = _match(family, name, config)
         if match is None:
             if name in aliases:
                 continue
@@ -292,8 +295,10 @@ def _plan(
     return plan, alias_hf
 
 
-def _match(family: Family, name: str) -> tuple[str, tuple[str, ...], Weight] | None:
+def _match(family: Family, name: str, config: Mapping[str, Any]) -> tuple[str, tuple[str, ...], Weight] | None:
     for weight in family.weights:
+        if weight.when is not None and not weight.when(config):
+            continue
         for pattern in weight.our_names:
             found = _pattern(pattern).fullmatch(name)
             if found:
@@ -406,7 +411,7 @@ def to_hf(export_dir: str | os.PathLike, hf_dir: str | os.PathLike, *, family: s
     model, tokenizer = load(export_dir)
     table, hf_config = _export_family(model, family, str(export_dir))
     canonical, aliases = _canonical_names(model)
-    plan, _ = _plan(table, canonical, aliases)
+    plan, _ = _plan(table, canonical, aliases, model.config)
     state = model.state_dict()
     tensors = {}
     for hf_name, ours, weight in plan:
@@ -418,7 +423,8 @@ def to_hf(export_dir: str | os.PathLike, hf_dir: str | os.PathLike, *, family: s
         "architectures": [table.architecture],
         "model_type": table.model_type,
         **hf_config,
-        **_token_ids(tokenizer),
+        # the tokenizer's ids, except that an id it lacks leaves the one the table wrote (T5's pad)
+        **{k: v for k, v in _token_ids(tokenizer).items() if v is not None or k not in hf_config},
         "dtype": str(dtypes.pop() if len(dtypes) == 1 else torch.float32).removeprefix("torch."),
     }
     notes = []

@@ -144,6 +144,8 @@ class Weight:
         aliases: other HF names of the same tensor (BERT's ``cls.predictions.bias``, which a tied
             checkpoint stores in place of ``cls.predictions.decoder.bias``): on import ``hf`` is read
             when present, else the first alias present; on export the tensor is written under all.
+        when: (our model config) -> whether this entry applies, for names whose HF counterpart depends
+            on the plugin (T5's ``wi`` is MLP's ``up_proj``, ``wi_1`` the gated unit's); None: always.
     """
 
     hf: str
@@ -151,6 +153,7 @@ class Weight:
     transpose: bool = False
     split_dim: int = 0
     aliases: tuple[str, ...] = ()
+    when: Callable[[Mapping[str, Any]], bool] | None = None
 
     @property
     def our_names(self) -> tuple[str, ...]:
@@ -172,6 +175,10 @@ class Family:
             (``LlamaModel``) store them without it.
         ignored_weights: regex -> reason, HF tensors with no counterpart that are dropped on import.
         weight_renames: (old, new) substring renames applied to HF names first (legacy checkpoints).
+        from_weights: (the HF tensor names in the checkpoint) -> {our dotted path: value}, applied on import
+            after the fields, for what a checkpoint tells by the tensors it stores rather than by its
+            config (T5 under transformers 5: a stored ``lm_head.weight`` is an untied head although
+            config.json says ``tie_word_embeddings: true``). The fields still decide it on export.
     """
 
     model_type: str
@@ -183,6 +190,7 @@ class Family:
     hf_prefix: str = ""
     ignored_weights: dict[str, str] = field(default_factory=dict)
     weight_renames: tuple[tuple[str, str], ...] = ()
+    from_weights: Callable[[frozenset[str]], dict[str, Any]] | None = None
 
     @property
     def model_class(self) -> type:
@@ -241,6 +249,9 @@ STRUCTURAL = {
     "block": ("attention", "ffn", "norm_1", "norm_2", "dropout", "dim"),
 }
 
+#: EncoderDecoder slots holding a plugin of another slot's kind.
+SECOND_SLOTS = {"cross_attention": "attention", "decoder_position": "position"}
+
 
 def with_plugin_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of our model config where every plugin spec lists all its knobs (defaults filled in).
@@ -251,6 +262,9 @@ def with_plugin_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
     for slot, structural in STRUCTURAL.items():
         if isinstance(out.get(slot), Mapping):
             out[slot] = _spec_with_defaults(out[slot], slot, structural)
+    for slot, kind in SECOND_SLOTS.items():  # an encoder-decoder's other plugins of the same kinds
+        if isinstance(out.get(slot), Mapping):
+            out[slot] = _spec_with_defaults(out[slot], kind, STRUCTURAL[kind])
     out["overrides"] = [
         {
             key: _spec_with_defaults(value, key, STRUCTURAL[key]) if key in ("attention", "ffn") else value

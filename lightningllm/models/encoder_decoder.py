@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lightningllm.cache import KVCache
-from lightningllm.config import spec_of
+from lightningllm.config import factory_of, spec_of
 from lightningllm.contracts import (
     AttentionFactory,
     BlockFactory,
@@ -115,11 +115,14 @@ class EncoderDecoder(nn.Module):
         ffn: factory of the feed-forward plugin, called with dim, hidden_dim, dropout.
         norm: factory of the norm plugin, called with dim.
         position: factory of the positional plugin, called once per stack with dim, n_heads, head_dim,
-            max_seq_len.
+            max_seq_len (so each stack has its own parameters, e.g. its own relative-bias table).
         block: factory of the block layout; decoder blocks also get ``cross_attention`` and
             ``norm_cross``.
         n_encoder_layers: encoder blocks (None: n_layers). Only with the built-in encoder.
         cross_attention: factory of the decoder's cross-attention plugin (None: ``attention``).
+        decoder_position: factory of the decoder stack's positional plugin (None: ``position``), e.g. T5's
+            causal :class:`~lightningllm_plugins.position.relative_bias.RelativePositionBias` beside the
+            encoder's bidirectional one.
         encoder: a built encoder module to use instead of the built-in stack (see above).
         n_kv_heads: key/value heads (None: n_heads, i.e. MHA; 1: MQA; in between: GQA).
         hidden_dim: feed-forward width (None: 4 * dim).
@@ -152,6 +155,7 @@ class EncoderDecoder(nn.Module):
         block: BlockFactory,
         n_encoder_layers: int | None = None,
         cross_attention: AttentionFactory | None = None,
+        decoder_position: PositionFactory | None = None,
         encoder: nn.Module | None = None,
         n_kv_heads: int | None = None,
         hidden_dim: int | None = None,
@@ -172,6 +176,8 @@ class EncoderDecoder(nn.Module):
         _check_knobs_are_not_structural(type(self).__name__, **slots)
         if cross_attention is not None:
             _check_knobs_are_not_structural(type(self).__name__, attention=cross_attention)
+        if decoder_position is not None:
+            _check_knobs_are_not_structural(type(self).__name__, position=decoder_position)
         shared = dict(
             vocab_size=vocab_size, dim=dim, n_heads=n_heads, **slots, n_kv_heads=n_kv_heads, hidden_dim=hidden_dim,
             max_seq_len=max_seq_len, dropout=dropout, attention_dropout=attention_dropout,
@@ -184,8 +190,9 @@ class EncoderDecoder(nn.Module):
             _check_encoder(encoder, dim, n_encoder_layers, encoder_overrides)
             self.encoder = encoder
         self.decoder = TransformerStack(
-            n_layers=n_layers, overrides=overrides, cross_attention=cross_attention or attention, **shared
-        )
+            n_layers=n_layers, overrides=overrides, cross_attention=cross_attention or attention,
+            **{**shared, "position": decoder_position or position},
+        )  # fmt: skip
         if encoder is None:
             self.decoder.embed = self.encoder.embed  # one token embedding for both stacks (T5)
         self.lm_head = nn.Linear(dim, vocab_size, bias=False)
@@ -199,8 +206,10 @@ class EncoderDecoder(nn.Module):
         stack = self.decoder.config
         self.config = {
             "vocab_size": vocab_size, "dim": dim, "n_layers": n_layers, "n_heads": n_heads,
-            **{slot: stack[slot] for slot in slots}, "n_encoder_layers": self.n_encoder_layers,
+            **{slot: stack[slot] for slot in slots}, "position": spec_of(position),
+            "n_encoder_layers": self.n_encoder_layers,
             "cross_attention": None if cross_attention is None else spec_of(cross_attention),
+            "decoder_position": None if decoder_position is None else spec_of(decoder_position),
             "encoder": None if encoder is None else _encoder_spec(encoder),
             "n_kv_heads": stack["n_kv_heads"], "hidden_dim": stack["hidden_dim"], "max_seq_len": max_seq_len,
             "dropout": dropout, "attention_dropout": attention_dropout, "tie_embeddings": tie_embeddings,
@@ -215,6 +224,8 @@ class EncoderDecoder(nn.Module):
         """Rebuild from :attr:`config` (plugin specs and a custom encoder as ``{class_path, init_args}``)."""
         kwargs = factories_from_config(config)
         kwargs["encoder_overrides"] = [_as_override(o) for o in kwargs.get("encoder_overrides") or []]
+        if kwargs.get("decoder_position") is not None:
+            kwargs["decoder_position"] = factory_of(kwargs["decoder_position"], "position")
         if kwargs.get("encoder") is not None:
             kwargs["encoder"] = _build_encoder(kwargs["encoder"])
         return cls(**kwargs)
@@ -352,6 +363,7 @@ class ConditionedDecoder(nn.Module):
         self.model = model
         self.context, self.context_padding = context, context_padding
         self.max_seq_len = model.max_seq_len
+        self.train(model.training)  # a new module starts in training mode; generate() restores this flag on exit
 
     def make_cache(self, batch_size: int, max_len: int | None = None) -> EncoderDecoderCache:
         """Self-attention caches of ``max_len`` positions and cross-attention caches sized to the context."""

@@ -15,7 +15,7 @@ from lightningllm.registry import available, get
 
 COMBINATIONS = list(itertools.product(available("position"), available("attention"), available("block")))
 # (position, attention) pairs the math forbids, with a word the refusal must name
-REFUSED = {("ALiBi", "LinearAttention"): "ALiBi"}
+REFUSED = {("ALiBi", "LinearAttention"): "ALiBi", ("RelativePositionBias", "LinearAttention"): "RelativePositionBias"}
 
 
 def build_encoder(

@@ -239,3 +239,33 @@ def test_impossible_settings_are_refused():
         build(decoder_start_id=40)
     with pytest.raises(ConfigError, match="cross_attention init_args set n_heads|attention init_args set n_heads"):
         build(cross_attention=partial(get("attention", "MultiHeadAttention"), n_heads=2))
+
+
+def test_decoder_position_gives_the_decoder_its_own_plugin(tmp_path):
+    """T5: a bidirectional relative bias in the encoder, a causal one in the decoder; both survive export/load."""
+    bias = get("position", "RelativePositionBias")
+    model = build(position="RelativePositionBias", decoder_position=partial(bias, bidirectional=False))
+    assert model.encoder.position.bidirectional and not model.decoder.position.bidirectional
+    assert model.encoder.position.table.weight is not model.decoder.position.table.weight
+    assert model.config["position"]["init_args"] == {}
+    assert model.config["decoder_position"] == {"class_path": "RelativePositionBias",
+                                                "init_args": {"bidirectional": False}}  # fmt: skip
+    src, tgt = ids(2, 7), ids(2, 5, seed=2)
+    export(model, tmp_path / "export")
+    loaded, _ = load(tmp_path / "export")
+    assert not loaded.decoder.position.bidirectional
+    torch.testing.assert_close(loaded(src, tgt), model(src, tgt))
+    # cached decoding sees the same causal bias as teacher forcing
+    out = generate(model.decoder_for(src), torch.full((2, 1), model.decoder_start_id), 6, temperature=0.0)
+    with torch.no_grad():
+        logits = model(src, out[:, :-1])
+    assert torch.equal(logits.argmax(-1), out[:, 1:])
+
+
+def test_decoder_for_keeps_the_training_flag():
+    model = build()
+    generate(model.decoder_for(ids(1, 5)), torch.full((1, 1), 2), 3, temperature=0.0)
+    assert not model.training  # an eval model stays in eval mode (dropout off) after sampling
+    model.train()
+    generate(model.decoder_for(ids(1, 5)), torch.full((1, 1), 2), 3, temperature=0.0)
+    assert model.training

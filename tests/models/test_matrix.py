@@ -40,6 +40,8 @@ REFUSED = {
     ("prefix_lm", "*", "LinearAttention"): "prefix",  # the chunked causal form has no bidirectional prefix
     ("perceiver", "RoPE", "*"): "RoPE",  # cross-attention applies no rotation: the input would lose order
     ("perceiver", "ALiBi", "*"): "ALiBi",
+    ("*", "RelativePositionBias", "LinearAttention"): "RelativePositionBias",  # a score bias too, as ALiBi
+    ("perceiver", "RelativePositionBias", "*"): "RelativePositionBias",
     ("perceiver", "*", "MultiHeadLatentAttention"): "cross",  # MLA is self-attention only
     ("encoder_decoder", "*", "MultiHeadLatentAttention"): "cross",
 }

@@ -34,6 +34,8 @@ class MultiHeadAttention(Attention):
         dropout: dropout on the attention probabilities while training.
         bias: give the four projections a bias (GPT-2, Qwen) or not (Llama).
         qk_norm: RMS-normalise queries and keys per head, with a learnable scale each.
+        softmax_scale: factor on the scores ``q . k`` before the softmax (None: ``1/sqrt(head_dim)``, as
+            in Vaswani et al.; T5 uses 1, having folded the scaling into its initialisation).
     """
 
     def __init__(
@@ -44,12 +46,13 @@ class MultiHeadAttention(Attention):
         dropout: float = 0.0,
         bias: bool = False,
         qk_norm: bool = False,
+        softmax_scale: float | None = None,
     ) -> None:
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
-        _check(dim, n_heads, n_kv_heads, dropout)
+        _check(dim, n_heads, n_kv_heads, dropout, softmax_scale)
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
-        self.dropout = dropout
+        self.dropout, self.softmax_scale = dropout, softmax_scale
         self.q_proj = nn.Linear(dim, n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)
@@ -108,7 +111,14 @@ class MultiHeadAttention(Attention):
             v = v.repeat_interleave(groups, dim=1)
         grouped = k.shape[1] != self.n_heads
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=grouped
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=self.softmax_scale,
+            enable_gqa=grouped,
         )  # (B, H, T, hd)
         if has_key is not None:
             y = y.masked_fill(~has_key, 0.0)  # queries that may see no key output zeros, not NaN
@@ -186,7 +196,7 @@ def _flash_can_group(q: Tensor, attn_mask: Tensor | None) -> bool:
     return attn_mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
-def _check(dim: int, n_heads: int, n_kv_heads: int, dropout: float) -> None:
+def _check(dim: int, n_heads: int, n_kv_heads: int, dropout: float, softmax_scale: float | None = None) -> None:
     if n_heads < 1 or n_kv_heads < 1 or dim % n_heads:
         raise ConfigError(
             f"MultiHeadAttention needs dim={dim} to split evenly into n_heads={n_heads} heads of at least one "
@@ -199,3 +209,7 @@ def _check(dim: int, n_heads: int, n_kv_heads: int, dropout: float) -> None:
         )
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"Attention dropout={dropout} must be in [0, 1).")
+    if softmax_scale is not None and not softmax_scale > 0:
+        raise ConfigError(
+            f"MultiHeadAttention softmax_scale={softmax_scale} must be positive (None: 1/sqrt(head_dim))."
+        )

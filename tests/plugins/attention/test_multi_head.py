@@ -364,3 +364,35 @@ def test_it_trains_previous_token_copy():
         optimizer.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.3 * sum(losses[:5]) / 5
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_softmax_scale_replaces_one_over_sqrt_head_dim(n_kv_heads):
+    """T5 does not scale the scores: softmax(Q K^T * s) V, against a per-head loop."""
+    B, T, s = 2, 6, 1.0
+    attention = make_attention(n_kv_heads, softmax_scale=s)
+    x = torch.randn(B, T, DIM, dtype=torch.float64)
+    padding = torch.arange(T)[None] < torch.tensor([[T], [T - 2]])
+    out = attention(x, position=make_position("alibi"), positions=torch.arange(T)[None],
+                    mask=AttentionMask(causal=True, padding=padding))  # fmt: skip
+    q = attention.q_proj(x).view(B, T, N_HEADS, HEAD_DIM).transpose(1, 2)
+    k = attention.k_proj(x).view(B, T, n_kv_heads, HEAD_DIM).transpose(1, 2)
+    v = attention.v_proj(x).view(B, T, n_kv_heads, HEAD_DIM).transpose(1, 2)
+    allowed = naive_allowed(B, T, T, padding=padding)
+    distance = (torch.arange(T)[:, None] - torch.arange(T)[None]).abs().double()
+    expected = torch.zeros(B, N_HEADS, T, HEAD_DIM, dtype=torch.float64)
+    for b in range(B):
+        for h in range(N_HEADS):
+            kv = h // (N_HEADS // n_kv_heads)
+            scores = q[b, h] @ k[b, kv].T * s - naive_slopes(N_HEADS)[h] * distance
+            expected[b, h] = torch.softmax(scores.masked_fill(~allowed[b], float("-inf")), -1) @ v[b, kv]
+    torch.testing.assert_close(out, attention.o_proj(expected.transpose(1, 2).reshape(B, T, DIM)))
+    default = make_attention(n_kv_heads)  # same weights (same seed), default 1/sqrt(8): a different output
+    other = default(x, position=make_position("alibi"), positions=torch.arange(T)[None],
+                    mask=AttentionMask(causal=True, padding=padding))  # fmt: skip
+    assert not torch.allclose(out, other)
+
+
+def test_refuses_a_non_positive_softmax_scale():
+    with pytest.raises(ConfigError, match="softmax_scale=0"):
+        MultiHeadAttention(dim=DIM, n_heads=N_HEADS, softmax_scale=0)
