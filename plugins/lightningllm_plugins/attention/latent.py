@@ -13,7 +13,7 @@ from lightningllm.contracts import Attention, Position
 from lightningllm.errors import ConfigError
 from lightningllm.mask import AttentionMask
 from lightningllm.registry import register
-from lightningllm_plugins.attention.multi_head import guarded_sdpa_mask
+from lightningllm_plugins.attention.multi_head import self_attention_sdpa_mask
 from lightningllm_plugins.position.rope import RoPE
 
 ABSORB = ("decode", "always", "never")
@@ -261,7 +261,7 @@ class MultiHeadLatentAttention(Attention):
         absorbed = absorbed and type(self.k_up_proj) is nn.Linear and type(self.v_up_proj) is nn.Linear
         if cache is not None:
             c_kv, k_rope = cache.update(c_kv, k_rope)  # (B, S, r), (B, S, rope): past and new
-        attn_mask, is_causal, has_key = self._sdpa_mask(T, c_kv.shape[1], position, positions, mask, q.dtype)
+        attn_mask, is_causal, has_key = self_attention_sdpa_mask(T, c_kv.shape[1], position, positions, mask, q.dtype)
         dropout_p = self.dropout if self.training else 0.0
         attend = self._attend_absorbed if absorbed else self._attend_plain
         y = attend(q_nope, q_rope, c_kv, k_rope, attn_mask, is_causal, dropout_p)  # (B, H, T, v)
@@ -323,22 +323,6 @@ class MultiHeadLatentAttention(Attention):
         )  # (B, H, T, r)
         o_latent = o_latent.view(B, Hkv, H // Hkv, T, r)  # (B, Hkv, G, T, r)
         return torch.einsum("bkgtr,kvr->bkgtv", o_latent, w_uv).reshape(B, H, T, self.v_head_dim)  # (B, H, T, v)
-
-    def _sdpa_mask(
-        self, T: int, S: int, position: Position, positions: Tensor, mask: AttentionMask, dtype: torch.dtype
-    ) -> tuple[Tensor | None, bool, Tensor | None]:
-        """The cheapest SDPA arguments (attn_mask, is_causal, has_key), as in MultiHeadAttention."""
-        if T == S:  # no past keys: the keys are the queries' own tokens (packed positions included)
-            k_positions = positions
-        else:  # S - T cached keys precede the new ones at consecutive positions
-            k_positions = torch.arange(S, device=positions.device) + (positions[:, :1] - (S - T))  # (B, S)
-        bias = position.bias(positions, k_positions)  # (B or 1, H, T, S) or None
-        if bias is None and mask.is_plain_causal():
-            if T == S:
-                return None, True, None
-            if T == 1:  # one new token sees every cached key
-                return None, False, None
-        return guarded_sdpa_mask(mask.allowed(positions, k_positions), bias, dtype)
 
     def rope_cos_sin(self, position: Position, positions: Tensor) -> tuple[Tensor, Tensor]:
         """float32 cos, sin of the decoupled rope, (B or 1, 1, T, rope_head_dim), rotate-half layout.

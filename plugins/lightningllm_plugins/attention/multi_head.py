@@ -148,17 +148,7 @@ class MultiHeadAttention(Attention):
                 return None, False, None
             allowed = AttentionMask(causal=False, padding=mask.padding).allowed(positions, positions)
             return guarded_sdpa_mask(allowed, None, q.dtype)
-        if T == S:  # no past keys: the keys are the queries' own tokens (packed positions included)
-            k_positions = positions
-        else:  # S - T cached keys precede the new ones at consecutive positions
-            k_positions = torch.arange(S, device=positions.device) + (positions[:, :1] - (S - T))  # (B, S)
-        bias = position.bias(positions, k_positions)  # (B or 1, H, T, S) or None
-        if bias is None and mask.is_plain_causal():
-            if T == S:
-                return None, True, None
-            if T == 1:  # one new token sees every cached key
-                return None, False, None
-        return guarded_sdpa_mask(mask.allowed(positions, k_positions), bias, q.dtype)
+        return self_attention_sdpa_mask(T, S, position, positions, mask, q.dtype)
 
     def make_cache(self, batch_size: int, max_len: int, **tensor_kwargs) -> KVCache:
         """An empty cache of ``n_kv_heads`` keys/values for ``max_len`` positions.
@@ -169,6 +159,29 @@ class MultiHeadAttention(Attention):
             tensor_kwargs: ``dtype`` and ``device`` of the cache.
         """
         return KVCache(batch_size, self.n_kv_heads, max_len, self.head_dim, **tensor_kwargs)
+
+
+def self_attention_sdpa_mask(
+    T: int, S: int, position: Position, positions: Tensor, mask: AttentionMask, dtype: torch.dtype
+) -> tuple[Tensor | None, bool, Tensor | None]:
+    """The cheapest SDPA arguments (attn_mask, is_causal, has_key) for T queries over S keys of their own sequence.
+
+    The S - T keys before the queries come from a cache, at the consecutive positions before
+    ``positions``. attn_mask is None (SDPA's ``is_causal`` fast path, or every key visible), (B or 1, 1,
+    T, S) bool, or (B or 1, H, T, S) additive float when the position plugin adds a score bias;
+    has_key, (B or 1, 1, T, 1) bool, marks queries that see at least one key (None: all do).
+    """
+    if T == S:  # no past keys: the keys are the queries' own tokens (packed positions included)
+        k_positions = positions
+    else:  # S - T cached keys precede the new ones at consecutive positions
+        k_positions = torch.arange(S, device=positions.device) + (positions[:, :1] - (S - T))  # (B, S)
+    bias = position.bias(positions, k_positions)  # (B or 1, H, T, S) or None
+    if bias is None and mask.is_plain_causal():
+        if T == S:
+            return None, True, None
+        if T == 1:  # one new token sees every cached key
+            return None, False, None
+    return guarded_sdpa_mask(mask.allowed(positions, k_positions), bias, dtype)
 
 
 def guarded_sdpa_mask(
