@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import time
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.text import Perplexity
 
-from lightningllm.contracts import aux_loss, module_metrics, prepare_distributed
+from lightningllm.contracts import aux_loss, module_metrics
 from lightningllm.errors import ConfigError
 from lightningllm.hparams import save_hyperparameters
-from lightningllm.strategies import prepare_blocks
-from lightningllm.tasks.optim import Schedule, param_groups, warmup_then_decay
+from lightningllm.tasks.base import TrainingTask
+from lightningllm.tasks.optim import Schedule
 
 IGNORE_INDEX = -100
 
 
-class CausalLM(L.LightningModule):
+class CausalLM(TrainingTask):
     """Next-token cross-entropy over any model that maps ids (B, T) to logits (B, T, vocab_size).
 
     Batches are ``{"input_ids": (B, T), "labels": (B, T)}`` with labels already shifted
@@ -57,16 +56,9 @@ class CausalLM(L.LightningModule):
                 "with MaskedLM."
             )
         save_hyperparameters(self, injected=("model", "optimizer"))
-        self.model = model
-        self.optimizer = optimizer
-        self.warmup_steps, self.schedule, self.min_lr_ratio = warmup_steps, schedule, min_lr_ratio
-        self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
+        self.init_training(model, optimizer, warmup_steps, schedule, min_lr_ratio, activation_checkpointing, compile)
         self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
         self._step_started: float | None = None
-
-    def configure_model(self) -> None:
-        prepare_distributed(self)  # plugins that shard over ranks (expert parallelism) split before DDP wraps
-        prepare_blocks(self.model, activation_checkpointing=self.activation_checkpointing, compile=self.compile_blocks)
 
     def setup(self, stage: str) -> None:
         tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
@@ -110,12 +102,6 @@ class CausalLM(L.LightningModule):
         """Next-token probabilities at the last position, (B, vocab_size)."""
         input_ids = batch["input_ids"] if isinstance(batch, dict) else batch
         return self.model(input_ids)[:, -1].softmax(-1)
-
-    def configure_optimizers(self):
-        optimizer = self.optimizer(param_groups(self.model))
-        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
-        scheduler = warmup_then_decay(optimizer, self.warmup_steps, total, self.schedule, self.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _log_throughput(self, n_tokens: int) -> None:
         now = time.perf_counter()

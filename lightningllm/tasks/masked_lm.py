@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from lightningllm.contracts import aux_loss, prepare_distributed
+from lightningllm.contracts import aux_loss
 from lightningllm.errors import ConfigError
 from lightningllm.hparams import save_hyperparameters
-from lightningllm.strategies import prepare_blocks
-from lightningllm.tasks.optim import Schedule, param_groups, warmup_then_decay
+from lightningllm.tasks.base import TrainingTask
+from lightningllm.tasks.optim import Schedule
 
 IGNORE_INDEX = -100
 SPECIAL_IDS = (0, 1, 2, 3, 4)  # <pad> <unk> <bos> <eos> <mask> in every lightningllm tokenizer
@@ -73,7 +72,7 @@ def mask_tokens(
     return masked, labels
 
 
-class MaskedLM(L.LightningModule):
+class MaskedLM(TrainingTask):
     """Masked-token cross-entropy, BERT's pre-training objective (Devlin et al., 2019).
 
     The task corrupts each batch's ``input_ids`` itself with :func:`mask_tokens` (any ``labels`` in
@@ -134,19 +133,12 @@ class MaskedLM(L.LightningModule):
             )
         vocab_size = vocab_size if vocab_size is not None else model_vocab_size
         _check_masking(vocab_size, mask_id, mask_probability, replace_with_mask, replace_with_random, special_ids)
-        self.model = model
-        self.optimizer = optimizer
+        self.init_training(model, optimizer, warmup_steps, schedule, min_lr_ratio, activation_checkpointing, compile)
         self.mask_id, self.vocab_size, self.special_ids = mask_id, vocab_size, tuple(special_ids)
         self.mask_probability = mask_probability
         self.replace_with_mask, self.replace_with_random = replace_with_mask, replace_with_random
-        self.warmup_steps, self.schedule, self.min_lr_ratio = warmup_steps, schedule, min_lr_ratio
-        self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
         self.val_accuracy = MeanMetric()
         self.test_accuracy = MeanMetric()
-
-    def configure_model(self) -> None:
-        prepare_distributed(self)  # plugins that shard over ranks (expert parallelism) split before DDP wraps
-        prepare_blocks(self.model, activation_checkpointing=self.activation_checkpointing, compile=self.compile_blocks)
 
     def setup(self, stage: str) -> None:
         tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
@@ -215,12 +207,6 @@ class MaskedLM(L.LightningModule):
         input_ids = batch["input_ids"] if isinstance(batch, dict) else batch
         model_inputs = {k: batch[k] for k in MODEL_INPUTS if isinstance(batch, dict) and k in batch}
         return self.model(input_ids, **model_inputs).argmax(-1)
-
-    def configure_optimizers(self):
-        optimizer = self.optimizer(param_groups(self.model))
-        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
-        scheduler = warmup_then_decay(optimizer, self.warmup_steps, total, self.schedule, self.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _evaluate(self, split: str, accuracy: MeanMetric, batch: dict[str, Tensor] | Tensor, batch_idx: int) -> None:
         input_ids = batch["input_ids"] if isinstance(batch, dict) else batch

@@ -14,18 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from lightningllm.contracts import aux_loss, module_metrics, prepare_distributed
+from lightningllm.contracts import aux_loss, module_metrics
 from lightningllm.errors import ConfigError, DataError
 from lightningllm.hparams import save_hyperparameters
-from lightningllm.strategies import prepare_blocks
-from lightningllm.tasks.optim import Schedule, param_groups, warmup_then_decay
+from lightningllm.tasks.base import TrainingTask
+from lightningllm.tasks.optim import Schedule
 from lightningllm.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
@@ -177,7 +176,7 @@ def decode_with_sentinels(tokenizer: Tokenizer, ids: Sequence[int], first_sentin
     return "".join(pieces + ([tokenizer.decode(run)] if run else []))
 
 
-class SpanCorruption(L.LightningModule):
+class SpanCorruption(TrainingTask):
     """T5's span-corruption pre-training (Raffel et al., 2020, section 3.1.4) of an encoder-decoder.
 
     The task corrupts each batch's ``input_ids`` itself with :func:`span_corruption` (any ``labels``
@@ -236,20 +235,13 @@ class SpanCorruption(L.LightningModule):
                 "and vocab_size: use lightningllm.models.encoder_decoder.EncoderDecoder (forward(input_ids, "
                 "decoder_input_ids) -> logits)."
             )
-        self.model = model
-        self.optimizer = optimizer
+        self.init_training(model, optimizer, warmup_steps, schedule, min_lr_ratio, activation_checkpointing, compile)
         self.noise_density, self.mean_span_length = noise_density, mean_span_length
         self.first_sentinel_id, self.eos_id = first_sentinel_id, eos_id
-        self.warmup_steps, self.schedule, self.min_lr_ratio = warmup_steps, schedule, min_lr_ratio
-        self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
         self.val_accuracy = MeanMetric()
         self.test_accuracy = MeanMetric()
         if first_sentinel_id is not None:
             self._check_room(first_sentinel_id, None)
-
-    def configure_model(self) -> None:
-        prepare_distributed(self)
-        prepare_blocks(self.model, activation_checkpointing=self.activation_checkpointing, compile=self.compile_blocks)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -330,12 +322,6 @@ class SpanCorruption(L.LightningModule):
         start = targets.new_full((targets.shape[0], 1), self.model.decoder_start_id)
         out = generate(self.model.decoder_for(inputs), start, targets.shape[1], temperature=0, eos_id=self.eos_id)
         return {"inputs": inputs, "targets": targets, "predicted": out[:, 1:]}
-
-    def configure_optimizers(self):
-        optimizer = self.optimizer(param_groups(self.model))
-        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
-        scheduler = warmup_then_decay(optimizer, self.warmup_steps, total, self.schedule, self.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _evaluate(self, split: str, accuracy: MeanMetric, batch: dict[str, Tensor] | Tensor, batch_idx: int) -> None:
         input_ids = _input_ids(batch)

@@ -1,0 +1,53 @@
+"""What every training task shares: the injected model, its optimizer and schedule, and the scaling switches."""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+
+from lightningllm.contracts import prepare_distributed
+from lightningllm.strategies import prepare_blocks
+from lightningllm.tasks.optim import Schedule, param_groups, warmup_then_decay
+
+
+class TrainingTask(L.LightningModule):
+    """Base of :class:`~lightningllm.tasks.CausalLM`, :class:`~lightningllm.tasks.MaskedLM` and
+    :class:`~lightningllm.tasks.SpanCorruption`.
+
+    A task keeps its own explicit ``__init__`` signature (what LightningCLI and ``--help`` read) and
+    hands the shared arguments to :meth:`init_training`. The base then provides:
+
+    - ``configure_model``: plugins that shard over ranks split first (expert parallelism, through
+      :func:`~lightningllm.contracts.prepare_distributed`), then blocks are compiled and/or
+      checkpointed (:func:`~lightningllm.strategies.prepare_blocks`);
+    - ``configure_optimizers``: the optimizer over :func:`~lightningllm.tasks.optim.param_groups`
+      (no weight decay on norms, biases and embeddings) with linear warmup then decay, stepped per
+      optimizer step over the Trainer's estimated total.
+    """
+
+    def init_training(
+        self,
+        model: nn.Module,
+        optimizer: OptimizerCallable,
+        warmup_steps: int,
+        schedule: Schedule,
+        min_lr_ratio: float,
+        activation_checkpointing: bool,
+        compile: bool,
+    ) -> None:
+        """Keep the model and the training settings (arguments as in the tasks' docstrings)."""
+        self.model = model
+        self.optimizer = optimizer
+        self.warmup_steps, self.schedule, self.min_lr_ratio = warmup_steps, schedule, min_lr_ratio
+        self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
+
+    def configure_model(self) -> None:
+        prepare_distributed(self)  # before DDP wraps the module and the optimizer sees the parameters
+        prepare_blocks(self.model, activation_checkpointing=self.activation_checkpointing, compile=self.compile_blocks)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(param_groups(self.model))
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        scheduler = warmup_then_decay(optimizer, self.warmup_steps, total, self.schedule, self.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
