@@ -9,6 +9,7 @@ error prints one paragraph and exits 2; set ``LIGHTNINGLLM_TRACEBACK=1`` to see 
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -66,6 +67,21 @@ class LightningLLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.init_args.model.init_args.vocab_size", apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        """Under lightningllm's FSDPStrategy, build models on the meta device: FSDP materialises them unit by unit.
+
+        Only the networks (our model classes) are built there; the task's metrics, the data and the
+        Trainer are built as usual. The strategy gives each unit real storage and our initialisation as
+        it shards it, so no process ever holds the whole model.
+        """
+        if _builds_on_meta(self.config[self.subcommand] if self.subcommand else self.config):
+            from lightningllm.models import EncoderDecoder
+            from lightningllm.models.base import TransformerStack
+
+            parser = self._subcommand_parsers[self.subcommand] if self.subcommand else self.parser
+            for model_class in (TransformerStack, EncoderDecoder):
+                parser.add_instantiator(_on_meta, model_class)
+
 
 def import_short_names() -> None:
     """Import the modules whose classes YAML may name by their short names (``class_path: Export``)."""
@@ -73,6 +89,27 @@ def import_short_names() -> None:
     import lightningllm.data  # noqa: F401
     import lightningllm.models  # noqa: F401
     import lightningllm.tasks  # noqa: F401
+
+
+def _builds_on_meta(config) -> bool:
+    """Whether the configured strategy is lightningllm's FSDPStrategy (or a subclass) and the run trains."""
+    from lightningllm.strategies import FSDPStrategy
+
+    strategy = config.get("trainer", {}).get("strategy") if hasattr(config, "get") else None
+    class_path = strategy.get("class_path") if hasattr(strategy, "get") else None
+    if not isinstance(class_path, str):
+        return False
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, FSDPStrategy)
+
+
+def _on_meta(class_type: type, *args, **kwargs):
+    with torch.device("meta"):
+        return class_type(*args, **kwargs)
 
 
 def run_lightning(args: Sequence[str] | None) -> None:

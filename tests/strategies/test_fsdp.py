@@ -91,3 +91,60 @@ def test_fsdp_loss_curve_matches_one_process_with_the_doubled_batch(tmp_path):
     # then float noise only: FSDP divides gradients before and after its reduce-scatter of flat parameters
     # (~5e-5 relative after 6 AdamW steps, against differences of ~1e-2 for other batches)
     torch.testing.assert_close(fsdp, single, rtol=2e-4, atol=2e-4)
+
+
+def fit_config(tmp_path: Path) -> Path:
+    """A tiny CausalLM fit config on a small corpus, with lightningllm's FSDPStrategy (sharded checkpoints)."""
+    import yaml
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"doc{i}.txt").write_text("to be or not to be, that is the question. " * 40)
+    plugins = {slot: {"class_path": name} for slot, name in [("attention", "MultiHeadAttention"), ("ffn", "MLP"),
+               ("norm", "LayerNorm"), ("position", "LearnedPosition"), ("block", "PreNorm")]}  # fmt: skip
+    config = {
+        "seed_everything": 0,
+        "model": {"class_path": "lightningllm.tasks.CausalLM", "init_args": {"warmup_steps": 1, "model": {
+            "class_path": "lightningllm.models.Decoder",
+            "init_args": {"dim": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 32, **plugins}}}},
+        "data": {"class_path": "lightningllm.data.TextDataModule", "init_args": {
+            "corpus": str(corpus), "tokenizer": {"class_path": "CharTokenizer"}, "seq_len": 32, "batch_size": 4,
+            "data_dir": str(tmp_path / "cache")}},
+        "trainer": {"max_steps": 2, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
+                    "enable_model_summary": False, "default_root_dir": str(tmp_path / "run"), "logger": False,
+                    "callbacks": [{"class_path": "Export", "init_args": {"dirpath": str(tmp_path / "export")}}],
+                    "strategy": {"class_path": "lightningllm.strategies.FSDPStrategy",
+                                 "init_args": {"state_dict_type": "sharded"}}},
+    }  # fmt: skip
+    path = tmp_path / "fsdp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_the_cli_builds_the_model_on_meta_under_fsdp_and_only_the_model(tmp_path):
+    from lightningllm import registry
+    from lightningllm.cli import LightningLLMCLI, PluginAwareParser, import_short_names
+
+    registry.load_plugins()
+    import_short_names()
+    config = fit_config(tmp_path)
+    for strategy, on_meta in [(None, True), ("--trainer.strategy=ddp", False)]:
+        args = ["--config", str(config), *([strategy] if strategy else [])]
+        cli = LightningLLMCLI(subclass_mode_model=True, subclass_mode_data=True, parser_class=PluginAwareParser,
+                              run=False, args=args)  # fmt: skip
+        assert all(p.is_meta for p in cli.model.model.parameters()) is on_meta
+        assert not any(t.is_meta for t in cli.model.val_perplexity.state_dict().values())  # the task's metric is real
+
+
+def test_fsdp_fit_from_the_cli_materialises_the_meta_model_with_our_initialisation(tmp_path):
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    command = [sys.executable, "-m", "lightningllm.cli", "fit", "--config", str(fit_config(tmp_path))]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    weights = load_file(tmp_path / "export" / "model.safetensors")
+    embedding = weights["embed.weight"]
+    assert 0.015 < embedding.std().item() < 0.025  # normal(0, 0.02) as the model initialises, not torch's N(0, 1)
