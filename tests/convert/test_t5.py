@@ -90,6 +90,7 @@ def test_t5_matches_transformers_both_ways(parity, tmp_path, variant, overrides,
         and not config["decoder_position"]["init_args"]["bidirectional"]
     )
     assert ours.n_encoder_layers == ours.n_layers == 2 and ours.decoder_start_id == 0
+    assert "head_dim" not in config["attention"]["init_args"]  # d_kv == d_model // num_heads: the default width
     hf_model = parity.load_hf(transformers.T5ForConditionalGeneration, hf_dir)
     assert (hf_model.lm_head.weight is hf_model.shared.weight) is (not untie)  # HF sees the same tying
     diff = logits_diff(hf_model, ours, parity)
@@ -106,6 +107,30 @@ def test_t5_matches_transformers_both_ways(parity, tmp_path, variant, overrides,
     back_diff = logits_diff(back, ours, parity)
     assert back_diff < parity.TOL, f"export: max |logit diff| {back_diff}"
     assert not result.notes or all("tokenizer" in note for note in result.notes)
+
+
+def test_t5_v1_1_wide_heads_match_transformers_both_ways(parity, tmp_path):
+    """d_kv * num_heads != d_model, as in T5 v1.1 small (512, 6 x 64): here 4 heads of 16 in a width of 32."""
+    hf_dir = save_t5(parity, tmp_path / "hf", untie=True, feed_forward_proj="gated-gelu", d_kv=16)
+    from_hf(hf_dir, tmp_path / "export")
+    ours, _ = load(tmp_path / "export")
+    assert ours.config["attention"]["init_args"]["head_dim"] == 16
+    for block in (*ours.encoder.blocks, *ours.decoder.blocks):
+        assert block.attention.q_proj.weight.shape == (4 * 16, 32) and block.attention.o_proj.weight.shape == (32, 64)
+    assert all(block.cross_attention.head_dim == 16 for block in ours.decoder.blocks)
+    hf_model = parity.load_hf(transformers.T5ForConditionalGeneration, hf_dir)
+    diff = logits_diff(hf_model, ours, parity)
+    assert diff < parity.TOL, f"import: max |logit diff| {diff}"
+
+    theirs, mine = greedy(hf_model, ours, parity, eos=None)
+    assert mine == theirs and all(len(row) == 20 for row in mine)
+
+    to_hf(tmp_path / "export", tmp_path / "back")
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert (config["d_model"], config["num_heads"], config["d_kv"]) == (32, 4, 16)
+    back = parity.load_hf(transformers.T5ForConditionalGeneration, tmp_path / "back")
+    back_diff = logits_diff(back, ours, parity)
+    assert back_diff < parity.TOL, f"export: max |logit diff| {back_diff}"
 
 
 def test_legacy_copies_and_old_config_spelling(parity, tmp_path):
@@ -137,7 +162,6 @@ def test_legacy_copies_and_old_config_spelling(parity, tmp_path):
 @pytest.mark.parametrize(
     "edit, match",
     [
-        ({"d_kv": 16}, "d_kv=16"),  # d_kv * num_heads != d_model
         ({"feed_forward_proj": "gated-tanh"}, "feed_forward_proj='gated-tanh'"),
         ({"is_gated_act": False}, "is_gated_act=False"),
         ({"mystery": 1}, "mystery=1"),

@@ -2,11 +2,12 @@
 
 T5 becomes our :class:`~lightningllm.models.encoder_decoder.EncoderDecoder` with pre-norm blocks,
 :class:`RMSNorm`, bias-free :class:`MultiHeadAttention` with ``softmax_scale: 1`` (T5 does not divide
-the scores by ``sqrt(head_dim)``), a :class:`RelativePositionBias` per stack (bidirectional in the
-encoder, causal in the decoder; none on cross-attention), and ``feed_forward_proj``'s feed-forward:
-``relu`` (T5 v1.0) is a bias-free ReLU :class:`MLP`, ``gated-gelu`` (v1.1, Flan-T5) a bias-free
-:class:`GLU` with a tanh-GELU gate. A tied head scales the decoder output by ``d_model ** -0.5``
-(``scale_logits``); v1.1's untied head does not.
+the scores by ``sqrt(head_dim)``) and ``head_dim: d_kv`` where ``d_kv * num_heads != d_model`` (v1.1
+small/xl/xxl), a :class:`RelativePositionBias` per stack (bidirectional in the encoder, causal in the
+decoder; none on cross-attention), and ``feed_forward_proj``'s feed-forward: ``relu`` (T5 v1.0) is a
+bias-free ReLU :class:`MLP`, ``gated-gelu`` (v1.1, Flan-T5) a bias-free :class:`GLU` with a tanh-GELU
+gate. A tied head scales the decoder output by ``d_model ** -0.5`` (``scale_logits``); v1.1's untied
+head does not.
 
 Under transformers 5 the config of T5 always says ``tie_word_embeddings: true`` and the head's tying
 follows the weights (a stored ``lm_head.weight`` is an untied head) while ``scale_decoder_outputs``
@@ -64,13 +65,17 @@ def _ffn_write(ours: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _heads_read(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """``num_heads`` heads of ``d_kv``; the attention's ``head_dim`` knob only where ``d_kv * num_heads != d_model``."""
     d_model, heads, d_kv = hf.get("d_model", 512), hf.get("num_heads", 8), hf.get("d_kv", 64)
-    if d_kv * heads != d_model:
-        raise Unsupported(
-            f"d_kv={d_kv} with num_heads={heads} and d_model={d_model} (our attention splits d_model into the heads, "
-            f"so it needs d_kv * num_heads == d_model; T5 v1.1 small/xl/xxl use a wider attention)"
-        )
-    return {"n_heads": heads, "n_kv_heads": heads}
+    out = {"n_heads": heads, "n_kv_heads": heads}
+    if d_kv * heads != d_model:  # T5 v1.1 small/xl/xxl: a wider (or narrower) attention than d_model
+        out["attention.init_args.head_dim"] = d_kv
+    return out
+
+
+def _heads_write(ours: Mapping[str, Any]) -> dict[str, Any]:
+    head_dim = ours["attention"]["init_args"].get("head_dim")
+    return {"num_heads": ours["n_heads"], "d_kv": ours["dim"] // ours["n_heads"] if head_dim is None else head_dim}
 
 
 def _bias_args(bidirectional: bool) -> Rule:
@@ -182,11 +187,7 @@ T5 = Family(
             lambda hf: {"n_layers": hf.get("num_decoder_layers") or hf.get("num_layers", 6)},
             lambda ours: {"num_decoder_layers": ours["n_layers"]},
         ),
-        Rule(
-            ("num_heads", "d_kv"),
-            _heads_read,
-            lambda ours: {"num_heads": ours["n_heads"], "d_kv": ours["dim"] // ours["n_heads"]},
-        ),  # fmt: skip
+        Rule(("num_heads", "d_kv"), _heads_read, _heads_write),
         _bias_args(bidirectional=True),
         _bias_args(bidirectional=False),
         Rule(("feed_forward_proj", "dense_act_fn", "is_gated_act"), _ffn_read, _ffn_write),

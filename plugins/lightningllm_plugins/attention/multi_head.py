@@ -25,7 +25,14 @@ class MultiHeadAttention(Attention):
     OLMo 2, Qwen 3).
 
     Notation: B batch, T query positions, S key positions, H = n_heads, Hkv = n_kv_heads,
-    hd = head_dim = dim // n_heads.
+    hd = head_dim (by default dim // n_heads).
+
+    ``head_dim`` may differ from ``dim // n_heads`` (T5 v1.1 small: dim 512, 6 heads of 64; Gemma):
+    queries, keys and values are then projected to ``H * hd`` (``Hkv * hd``) channels and ``o_proj``
+    maps the ``H * hd`` concatenated heads back to ``dim``. The model builds its position plugin for
+    ``dim // n_heads``, so a plugin that rotates queries and keys (RoPE) must have been built for this
+    width (see :meth:`check_compatible`); score biases (ALiBi, RelativePositionBias) and embedding
+    plugins do not care.
 
     Args:
         dim: model width.
@@ -36,6 +43,7 @@ class MultiHeadAttention(Attention):
         qk_norm: RMS-normalise queries and keys per head, with a learnable scale each.
         softmax_scale: factor on the scores ``q . k`` before the softmax (None: ``1/sqrt(head_dim)``, as
             in Vaswani et al.; T5 uses 1, having folded the scaling into its initialisation).
+        head_dim: width of each query/key/value head (None: ``dim // n_heads``); a positive integer.
     """
 
     def __init__(
@@ -47,11 +55,13 @@ class MultiHeadAttention(Attention):
         bias: bool = False,
         qk_norm: bool = False,
         softmax_scale: float | None = None,
+        head_dim: int | None = None,
     ) -> None:
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
-        _check(dim, n_heads, n_kv_heads, dropout, softmax_scale)
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        _check(dim, n_heads, n_kv_heads, dropout, softmax_scale, head_dim)
+        self.dim, self.n_heads, self.n_kv_heads = dim, n_heads, n_kv_heads
+        self.head_dim = dim // n_heads if head_dim is None else head_dim
         self.dropout, self.softmax_scale = dropout, softmax_scale
         self.q_proj = nn.Linear(dim, n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)
@@ -65,6 +75,28 @@ class MultiHeadAttention(Attention):
         for module in (self.q_norm, self.k_norm):
             if module is not None:
                 module.reset_parameters()
+
+    def check_compatible(self, position: Position) -> None:
+        """Refuse a position plugin that rotates queries and keys of another width than ``head_dim``.
+
+        The model builds its position plugin with ``head_dim = dim // n_heads``; a rotation (RoPE) built
+        for that width cannot rotate heads of another ``head_dim``. Score biases and embeddings are fine.
+
+        Args:
+            position: the model's positional plugin.
+        """
+        if type(position).rotate is Position.rotate:
+            return
+        width = getattr(position, "head_dim", self.dim // self.n_heads)  # models build it with dim // n_heads
+        if width != self.head_dim:
+            name = type(position).__name__
+            raise ConfigError(
+                f"{type(self).__name__} has head_dim={self.head_dim} but the position plugin {name} rotates "
+                f"queries and keys of head_dim={width} (the model builds it with dim // n_heads = "
+                f"{self.dim // self.n_heads}), so it cannot rotate these heads. Leave the attention's head_dim "
+                f"unset (or set it to {width}), or use a position plugin that does not rotate (ALiBi, "
+                "RelativePositionBias, LearnedPosition, Sinusoidal, NoPosition)."
+            )
 
     def forward(
         self,
@@ -209,8 +241,20 @@ def _flash_can_group(q: Tensor, attn_mask: Tensor | None) -> bool:
     return attn_mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
-def _check(dim: int, n_heads: int, n_kv_heads: int, dropout: float, softmax_scale: float | None = None) -> None:
-    if n_heads < 1 or n_kv_heads < 1 or dim % n_heads:
+def _check(
+    dim: int,
+    n_heads: int,
+    n_kv_heads: int,
+    dropout: float,
+    softmax_scale: float | None = None,
+    head_dim: int | None = None,
+) -> None:
+    if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1):
+        raise ConfigError(
+            f"MultiHeadAttention head_dim={head_dim!r} must be None (dim // n_heads) or a positive integer: the "
+            "width of each query/key/value head (T5 v1.1 small: dim 512, n_heads 6, head_dim 64)."
+        )
+    if n_heads < 1 or n_kv_heads < 1 or (head_dim is None and dim % n_heads):
         raise ConfigError(
             f"MultiHeadAttention needs dim={dim} to split evenly into n_heads={n_heads} heads of at least one "
             f"channel (and n_kv_heads={n_kv_heads} >= 1). Choose n_heads among the divisors of {dim}."

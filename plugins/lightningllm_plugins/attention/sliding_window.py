@@ -95,6 +95,7 @@ class SlidingWindowAttention(MultiHeadAttention):
         use_flex_attention: run FlexAttention where it is fast and supported (CUDA).
         chunk_size: query positions per chunk of the banded path (None: ``max(64, reach + 1)``, see
             above); at least 1.
+        head_dim: width of each head (None: ``dim // n_heads``), as in :class:`MultiHeadAttention`.
     """
 
     def __init__(
@@ -110,9 +111,12 @@ class SlidingWindowAttention(MultiHeadAttention):
         block_size: int | None = None,
         use_flex_attention: bool = True,
         chunk_size: int | None = None,
+        head_dim: int | None = None,
     ) -> None:
         _check_pattern(window, global_tokens, block_size, chunk_size)
-        super().__init__(dim, n_heads, n_kv_heads=n_kv_heads, dropout=dropout, bias=bias, qk_norm=qk_norm)
+        super().__init__(
+            dim, n_heads, n_kv_heads=n_kv_heads, dropout=dropout, bias=bias, qk_norm=qk_norm, head_dim=head_dim
+        )
         self.window, self.global_tokens, self.block_size = window, global_tokens, block_size
         self.use_flex_attention, self.chunk_size = use_flex_attention, chunk_size
 

@@ -396,3 +396,140 @@ def test_softmax_scale_replaces_one_over_sqrt_head_dim(n_kv_heads):
 def test_refuses_a_non_positive_softmax_scale():
     with pytest.raises(ConfigError, match="softmax_scale=0"):
         MultiHeadAttention(dim=DIM, n_heads=N_HEADS, softmax_scale=0)
+
+
+# --- head_dim other than dim // n_heads (T5 v1.1 small: dim 512, 6 heads of 64) -------------------------------
+
+
+def naive_wide_heads(attention, x, allowed, scale):
+    """softmax(q_h k_h^T * scale) v_h per head, with each head's rows of the weights sliced out by hand."""
+    B, T, _ = x.shape
+    H, Hkv, hd = attention.n_heads, attention.n_kv_heads, attention.head_dim
+    wq, wk, wv, wo = (getattr(attention, f"{p}_proj").weight for p in "qkvo")
+    heads = []
+    for h in range(H):
+        kv = h // (H // Hkv)
+        q = x @ wq[h * hd : (h + 1) * hd].T  # (B, T, hd)
+        k = x @ wk[kv * hd : (kv + 1) * hd].T
+        v = x @ wv[kv * hd : (kv + 1) * hd].T
+        scores = (q @ k.transpose(1, 2) * scale).masked_fill(~allowed, float("-inf"))  # (B, T, T)
+        heads.append(torch.softmax(scores, dim=-1) @ v)
+    return torch.cat(heads, dim=-1) @ wo.T  # (B, T, H * hd) -> (B, T, dim)
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("head_dim", [16, 6], ids=["wider", "narrower"])
+@pytest.mark.parametrize("softmax_scale", [None, 1.0])
+def test_head_dim_other_than_dim_over_heads_matches_naive(n_kv_heads, head_dim, softmax_scale):
+    B, T = 2, 7
+    attention = make_attention(n_kv_heads, head_dim=head_dim, softmax_scale=softmax_scale)
+    assert attention.q_proj.weight.shape == (N_HEADS * head_dim, DIM)
+    assert attention.k_proj.weight.shape == attention.v_proj.weight.shape == (n_kv_heads * head_dim, DIM)
+    assert attention.o_proj.weight.shape == (DIM, N_HEADS * head_dim)
+    x = torch.randn(B, T, DIM, dtype=torch.float64)
+    padding = torch.arange(T)[None] < torch.tensor([[T], [T - 2]])
+    out = attention(x, position=make_position("none"), positions=torch.arange(T)[None],
+                    mask=AttentionMask(causal=True, padding=padding))  # fmt: skip
+    scale = 1 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
+    expected = naive_wide_heads(attention, x, naive_allowed(B, T, T, padding=padding), scale)
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("position_name", ["rope", "alibi"])
+def test_head_dim_with_a_rotation_of_that_width_or_a_score_bias(position_name):
+    B, T, head_dim = 2, 6, 16
+    attention = make_attention(2, head_dim=head_dim)
+    cls = RoPE if position_name == "rope" else ALiBi
+    position = cls(dim=DIM, n_heads=N_HEADS, head_dim=head_dim, max_seq_len=64)  # RoPE built for the heads' width
+    attention.check_compatible(position)
+    x = torch.randn(B, T, DIM, dtype=torch.float64)
+    out = attention(x, position=position, positions=torch.arange(T)[None], mask=AttentionMask())
+    expected = naive_attention(attention, x, naive_allowed(B, T, T), position=position, alibi=position_name == "alibi")
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+@pytest.mark.parametrize("position_name", ["none", "alibi"])
+def test_head_dim_cached_decoding_matches_uncached(n_kv_heads, position_name):
+    B, T, prefill, head_dim = 2, 9, 4, 16
+    attention = make_attention(n_kv_heads, head_dim=head_dim)
+    position = make_position(position_name)
+    x = torch.randn(B, T, DIM, dtype=torch.float64)
+    mask = AttentionMask(causal=True)
+    full = attention(x, position=position, positions=torch.arange(T)[None], mask=mask)
+    cache = attention.make_cache(B, 12, dtype=torch.float64)
+    assert cache.k.shape == (B, n_kv_heads, 12, head_dim)
+    outs = [attention(x[:, :prefill], position=position, positions=torch.arange(prefill)[None], mask=mask, cache=cache)]
+    for t in range(prefill, T):
+        outs.append(
+            attention(x[:, t : t + 1], position=position, positions=torch.tensor([[t]]), mask=mask, cache=cache)
+        )
+    assert cache.length == T
+    torch.testing.assert_close(torch.cat(outs, dim=1), full)
+
+
+def test_head_dim_refuses_a_rotation_of_another_width():
+    attention = MultiHeadAttention(dim=DIM, n_heads=N_HEADS, head_dim=16)
+    with pytest.raises(ConfigError, match=r"head_dim=16.*RoPE.*head_dim=8"):
+        attention.check_compatible(make_position("rope"))  # built as the model does: dim // n_heads = 8
+    for name in ("none", "alibi"):  # no rotation: the width does not matter
+        attention.check_compatible(make_position(name))
+    MultiHeadAttention(dim=DIM, n_heads=N_HEADS).check_compatible(make_position("rope"))  # default width: fine
+
+    from functools import partial
+
+    from lightningllm.models.decoder import Decoder
+    from lightningllm.registry import get
+
+    with pytest.raises(ConfigError, match="head_dim=16"):  # the model asks at build time
+        Decoder(vocab_size=16, dim=DIM, n_layers=1, n_heads=N_HEADS, attention=partial(MultiHeadAttention, head_dim=16),
+                ffn=get("ffn", "MLP"), norm=get("norm", "LayerNorm"), position=get("position", "RoPE"),
+                block=get("block", "PreNorm"), max_seq_len=32)  # fmt: skip
+
+
+@pytest.mark.parametrize("head_dim", [0, -4, 2.5, True, "16"])
+def test_refuses_a_bad_head_dim(head_dim):
+    with pytest.raises(ConfigError, match="head_dim="):
+        MultiHeadAttention(dim=DIM, n_heads=N_HEADS, head_dim=head_dim)
+
+
+def test_sliding_window_banded_path_with_head_dim():
+    """The subclass inherits the knob: its chunked band computes with the wider heads too."""
+    from lightningllm_plugins.attention.sliding_window import SlidingWindowAttention
+
+    B, T, window, head_dim = 2, 16, 3, 16
+    torch.manual_seed(0)
+    attention = SlidingWindowAttention(dim=DIM, n_heads=N_HEADS, n_kv_heads=2, window=window, chunk_size=4,
+                                       head_dim=head_dim).double()  # fmt: skip
+    positions = torch.arange(T)[None]
+    assert attention.band_plan(T, T, positions, AttentionMask()) is not None  # the banded path runs
+    x = torch.randn(B, T, DIM, dtype=torch.float64)
+    out = attention(x, position=make_position("none"), positions=positions, mask=AttentionMask())
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None]
+    allowed = ((j <= i) & (i - j < window)).expand(B, T, T)
+    torch.testing.assert_close(out, naive_wide_heads(attention, x, allowed, 1 / math.sqrt(head_dim)))
+
+
+def test_decoder_with_head_dim_trains():
+    from functools import partial
+
+    from lightningllm.models.decoder import Decoder
+    from lightningllm.registry import get
+
+    torch.manual_seed(0)
+    attention = partial(MultiHeadAttention, head_dim=16)
+    model = Decoder(vocab_size=16, dim=DIM, n_layers=2, n_heads=N_HEADS, attention=attention,
+                    ffn=get("ffn", "MLP"), norm=get("norm", "RMSNorm"), position=get("position", "ALiBi"),
+                    block=get("block", "PreNorm"), max_seq_len=32)  # fmt: skip
+    assert model.blocks[0].attention.q_proj.weight.shape == (N_HEADS * 16, DIM)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.arange(16).repeat(2, 2)[:, :24]  # a fixed cycle: perfectly predictable
+    losses = []
+    for _ in range(30):
+        logits = model(ids[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
