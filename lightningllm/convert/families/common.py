@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -58,7 +59,30 @@ ACTIVATIONS = {
 }
 
 #: HF rope types that our RoPE computes exactly, with the knob values they become.
-ROPE_TYPES = {"default": "none", "linear": "linear"}
+ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3", "yarn": "yarn"}
+
+#: ``llama3`` rope parameters (HF name -> our RoPE knob); HF requires all of them.
+LLAMA3_KNOBS = {
+    "low_freq_factor": "low_freq_factor",
+    "high_freq_factor": "high_freq_factor",
+    "original_max_position_embeddings": "original_max_seq_len",
+}
+
+#: optional ``yarn`` rope parameters, under the same names in our RoPE.
+YARN_KNOBS = ("beta_fast", "beta_slow", "truncate")
+
+
+def _yarn_attention_factor(params: dict[str, Any], factor: float) -> float | None:
+    """HF's yarn ``attention_factor``: given, or from DeepSeek's ``mscale``/``mscale_all_dim``; None: our default."""
+    attention_factor = params.pop("attention_factor", None)
+    mscale, mscale_all_dim = params.pop("mscale", None), params.pop("mscale_all_dim", None)
+    if attention_factor is not None or not (mscale and mscale_all_dim):
+        return attention_factor
+
+    def get_mscale(scale: float, m: float) -> float:  # the same float operations as HF, so the value is bitwise equal
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    return float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
 
 
 def head_dim_rule() -> Rule:
@@ -83,9 +107,11 @@ def head_dim_rule() -> Rule:
 def rope_rule(default_theta: float) -> Rule:
     """RoPE's base and scaling from ``rope_parameters`` (transformers 5) or ``rope_theta``/``rope_scaling``.
 
-    ``default`` and ``linear`` (position interpolation) are exact; HF's other rope types (``dynamic``,
-    ``yarn``, ``llama3``, ``longrope``) are refused by name. Our static ``ntk`` scaling has no HF type,
-    so such a model is refused on export.
+    ``default``, ``linear`` (position interpolation), ``llama3`` (Llama 3.1's frequency rule, with its
+    ``low_freq_factor``, ``high_freq_factor`` and ``original_max_position_embeddings``) and ``yarn`` (with
+    ``beta_fast``, ``beta_slow``, ``truncate`` and the attention factor, given or from ``mscale`` and
+    ``mscale_all_dim``) are exact; HF's other rope types (``dynamic``, ``longrope``) are refused by name. Our
+    static ``ntk`` scaling has no HF type, so such a model is refused on export.
     """
 
     def read(hf: Mapping[str, Any]) -> dict[str, Any]:
@@ -93,30 +119,58 @@ def rope_rule(default_theta: float) -> Rule:
         if not params:
             params = {"rope_theta": hf.get("rope_theta", default_theta), **(hf.get("rope_scaling") or {})}
         rope_type = params.pop("rope_type", params.pop("type", "default"))
+        params.pop("type", None)  # old configs may carry both spellings
         if rope_type not in ROPE_TYPES:
             raise Unsupported(
                 f"rope_type={rope_type!r} (our RoPE computes {', '.join(map(repr, ROPE_TYPES))} exactly; "
-                "dynamic, yarn, llama3 and longrope rescale frequencies differently)"
+                "dynamic and longrope rescale frequencies differently)"
             )
         theta = params.pop("rope_theta", hf.get("rope_theta", default_theta))
-        factor = params.pop("factor", 1.0) if rope_type == "linear" else 1.0
+        if rope_type in ("llama3", "yarn"):  # HF fills in the pre-training length when a config omits it
+            params.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings", 2048))
+        factor = params.pop("factor", 1.0) if rope_type != "default" else 1.0
         if rope_type == "default":
             params.pop("factor", None)
-        if params:
-            raise Unsupported(f"rope parameters {sorted(params)} (not used by {rope_type!r} RoPE in our plugin)")
-        return {
+        if rope_type == "yarn" and factor is None:  # HF: the ratio of the extended to the original length
+            factor = hf.get("max_position_embeddings", 2048) / params["original_max_position_embeddings"]
+        out = {
             "position.init_args.base": float(theta),
             "position.init_args.scaling": ROPE_TYPES[rope_type],
             "position.init_args.factor": float(factor),
         }
+        if rope_type == "yarn":
+            out["position.init_args.original_max_seq_len"] = int(params.pop("original_max_position_embeddings"))
+            # as HF reads them: a missing, None or zero beta is the paper's value; a None truncate is false
+            out["position.init_args.beta_fast"] = float(params.pop("beta_fast", None) or 32.0)
+            out["position.init_args.beta_slow"] = float(params.pop("beta_slow", None) or 1.0)
+            out["position.init_args.truncate"] = bool(params.pop("truncate", True))
+            attention_factor = _yarn_attention_factor(params, float(factor))
+            out["position.init_args.attention_factor"] = None if attention_factor is None else float(attention_factor)
+        if rope_type == "llama3":
+            missing = sorted(set(LLAMA3_KNOBS) - set(params))
+            if missing:
+                raise Unsupported(f"rope_type='llama3' without {missing} (Hugging Face requires them)")
+            for theirs, mine in LLAMA3_KNOBS.items():
+                value = params.pop(theirs)
+                out[f"position.init_args.{mine}"] = int(value) if mine == "original_max_seq_len" else float(value)
+        if params:
+            raise Unsupported(f"rope parameters {sorted(params)} (not used by {rope_type!r} RoPE in our plugin)")
+        return out
 
     def write(ours: Mapping[str, Any]) -> dict[str, Any]:
         args = get_path(ours, "position.init_args")
-        if args["scaling"] not in ("none", "linear"):
+        if args["scaling"] not in ROPE_TYPES.values():
             raise Unsupported(f"RoPE scaling={args['scaling']!r} (Hugging Face has no static NTK rope type)")
         params: dict[str, Any] = {"rope_theta": args["base"], "rope_type": "default"}
-        if args["scaling"] == "linear":
-            params.update(rope_type="linear", factor=args["factor"])
+        if args["scaling"] != "none":
+            params.update(rope_type=args["scaling"], factor=args["factor"])
+        if args["scaling"] == "llama3":
+            params.update({theirs: args[mine] for theirs, mine in LLAMA3_KNOBS.items()})
+        if args["scaling"] == "yarn":
+            params["original_max_position_embeddings"] = args["original_max_seq_len"]
+            params.update({name: args[name] for name in YARN_KNOBS})
+            if args["attention_factor"] is not None:
+                params["attention_factor"] = args["attention_factor"]
         return {"rope_parameters": params}
 
     return Rule(("rope_parameters", "rope_theta", "rope_scaling"), read, write)

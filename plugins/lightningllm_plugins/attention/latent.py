@@ -363,6 +363,12 @@ class MultiHeadLatentAttention(Attention):
                     "position at all. Set rope_head_dim to a positive even number (e.g. half of dim // n_heads), "
                     "or use NoPosition if position-free attention is intended."
                 )
+            if position.scaling not in ("none", "linear", "ntk"):
+                raise ConfigError(
+                    f"MultiHeadLatentAttention cannot apply RoPE scaling={position.scaling!r} to its decoupled rope "
+                    "channels: it re-derives the frequencies for rope_head_dim and supports scaling 'none', "
+                    "'linear' and 'ntk' only. Use one of those, or another attention plugin."
+                )
             if position.scaling == "ntk" and self.rope_head_dim <= 2:
                 raise ConfigError(
                     f"NTK-aware RoPE scaling needs rope_head_dim > 2 (its base grows as factor ** (rope_head_dim "

@@ -395,3 +395,10 @@ def test_causal_training_keeps_no_score_matrix_so_memory_stays_linear(absorb):
         position = NoPosition(dim=DIM, n_heads=N_HEADS, head_dim=DIM // N_HEADS, max_seq_len=T)
         att(x, position=position, positions=torch.arange(T)[None], mask=AttentionMask(causal=True))
     assert saved and not [shape for shape in saved if list(shape).count(T) >= 2]
+
+
+@pytest.mark.parametrize("scaling", ["llama3", "yarn"])
+def test_rope_scalings_it_cannot_rederive_are_refused(scaling):
+    rope = RoPE(dim=DIM, n_heads=N_HEADS, head_dim=DIM // N_HEADS, max_seq_len=64, scaling=scaling, factor=4.0)
+    with pytest.raises(ConfigError, match=scaling):
+        make_mla().check_compatible(rope)
