@@ -49,16 +49,20 @@ class CausalLM(TrainingTask):
         compile: bool = False,
     ) -> None:
         super().__init__()
+        self.check_model(model)
+        save_hyperparameters(self, injected=("model", "optimizer"))
+        self.init_training(model, optimizer, warmup_steps, schedule, min_lr_ratio, activation_checkpointing, compile)
+        self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
+        self._step_started: float | None = None
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse, before training, a model this task cannot train (here: one that attends bidirectionally)."""
         if not getattr(model, "causal", True):
             raise ConfigError(
                 f"CausalLM needs a causal model, but {type(model).__name__} attends bidirectionally: every "
                 "position would see the token it is asked to predict. Use a Decoder, or train this model "
                 "with MaskedLM."
             )
-        save_hyperparameters(self, injected=("model", "optimizer"))
-        self.init_training(model, optimizer, warmup_steps, schedule, min_lr_ratio, activation_checkpointing, compile)
-        self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
-        self._step_started: float | None = None
 
     def setup(self, stage: str) -> None:
         tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)

@@ -7,14 +7,12 @@ import inspect
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from lightningllm.contracts import aux_loss
 from lightningllm.errors import ConfigError, DataError
 from lightningllm.mask import AttentionMask
 from lightningllm.tasks.causal_lm import IGNORE_INDEX, CausalLM
-from lightningllm.tasks.optim import Schedule
 
 PREFIX_KEY = "prefix_lengths"
 
@@ -85,20 +83,9 @@ class PrefixLM(CausalLM):
         compile: ``torch.compile`` each ``Block``.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        warmup_steps: int = 100,
-        schedule: Schedule = "cosine",
-        min_lr_ratio: float = 0.1,
-        activation_checkpointing: bool = False,
-        compile: bool = False,
-    ) -> None:
-        super().__init__(
-            model, optimizer=optimizer, warmup_steps=warmup_steps, schedule=schedule, min_lr_ratio=min_lr_ratio,
-            activation_checkpointing=activation_checkpointing, compile=compile,
-        )  # fmt: skip
+    def check_model(self, model: nn.Module) -> None:
+        """A causal model whose every attention layer honours a prefix mask (:func:`check_prefix_support`)."""
+        super().check_model(model)
         check_prefix_support(model)
 
     def forward(self, input_ids: Tensor, prefix_lengths: Tensor | None = None) -> Tensor:
