@@ -14,7 +14,7 @@ from lightningllm.errors import ConfigError
 from lightningllm.mask import AttentionMask
 from lightningllm.registry import register
 from lightningllm_plugins.attention.multi_head import self_attention_sdpa_mask
-from lightningllm_plugins.position.rope import RoPE
+from lightningllm_plugins.position.rope import RoPE, rotate_half
 
 ABSORB = ("decode", "always", "never")
 
@@ -252,9 +252,9 @@ class MultiHeadLatentAttention(Attention):
         if self.kv_latent_norm is not None:
             c_kv = self.kv_latent_norm(c_kv)
         if rope:
-            cos, sin = self.rope_cos_sin(position, positions)  # (B or 1, 1, T, rope)
-            q_rope = _rotate_half(q_rope, cos, sin)
-            k_rope = _rotate_half(self.k_rope_proj(x)[:, None], cos, sin)[:, 0]  # (B, T, rope), shared by heads
+            cos, sin = self.decoupled_rope(position).cos_sin(positions)  # (B or 1, 1, T, rope) float32
+            q_rope = rotate_half(q_rope, cos, sin)
+            k_rope = rotate_half(self.k_rope_proj(x)[:, None], cos, sin)[:, 0]  # (B, T, rope), shared by heads
         else:
             k_rope = x.new_zeros(B, T, 0)
         absorbed = self.absorb == "always" or (self.absorb == "decode" and cache is not None and cache.length > 0)
@@ -324,29 +324,12 @@ class MultiHeadLatentAttention(Attention):
         o_latent = o_latent.view(B, Hkv, H // Hkv, T, r)  # (B, Hkv, G, T, r)
         return torch.einsum("bkgtr,kvr->bkgtv", o_latent, w_uv).reshape(B, H, T, self.v_head_dim)  # (B, H, T, v)
 
-    def rope_cos_sin(self, position: Position, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """float32 cos, sin of the decoupled rope, (B or 1, 1, T, rope_head_dim), rotate-half layout.
-
-        Args:
-            position: the model's positional plugin (RoPE: its base and scaling; otherwise ``rope_base``).
-            positions: (B or 1, T) absolute positions.
-        """
-        base, position_scale = self.rope_settings(position)
+    def decoupled_rope(self, position: Position) -> RoPE:
+        """The rotation of the ``rope_head_dim`` decoupled channels: the model's RoPE settings, else ``rope_base``."""
+        if isinstance(position, RoPE):
+            return position.resized(self.rope_head_dim)
         r = self.rope_head_dim
-        inv_freq = 1.0 / base ** (torch.arange(0, r, 2, dtype=torch.float32, device=positions.device) / r)
-        angles = (positions.float() * position_scale)[..., None] * inv_freq  # (B, T, rope/2)
-        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, rope)
-        return angles.cos(), angles.sin()
-
-    def rope_settings(self, position: Position) -> tuple[float, float]:
-        """(base, position scale) of the decoupled rope under ``position``; see the class docstring."""
-        if not isinstance(position, RoPE):
-            return self.rope_base, 1.0
-        base = position.base
-        if position.scaling == "ntk":  # the plugin sized its NTK base for head_dim; resize it for rope_head_dim
-            hd, r = position.head_dim, self.rope_head_dim
-            base = base / position.factor ** (hd / (hd - 2)) * position.factor ** (r / (r - 2))
-        return base, position.position_scale
+        return RoPE(dim=r, n_heads=1, head_dim=r, max_seq_len=1, base=self.rope_base)
 
     def check_compatible(self, position: Position) -> None:
         """Refuse positional plugins whose rotation cannot apply to a decoupled rope sub-dimension.
@@ -365,9 +348,9 @@ class MultiHeadLatentAttention(Attention):
                 )
             if position.scaling not in ("none", "linear", "ntk"):
                 raise ConfigError(
-                    f"MultiHeadLatentAttention cannot apply RoPE scaling={position.scaling!r} to its decoupled rope "
-                    "channels: it re-derives the frequencies for rope_head_dim and supports scaling 'none', "
-                    "'linear' and 'ntk' only. Use one of those, or another attention plugin."
+                    f"MultiHeadLatentAttention does not support RoPE scaling={position.scaling!r} on its decoupled "
+                    "rope channels yet (its tests cover scaling 'none', 'linear' and 'ntk'). Use one of those, or "
+                    "another attention plugin."
                 )
             if position.scaling == "ntk" and self.rope_head_dim <= 2:
                 raise ConfigError(
@@ -400,13 +383,6 @@ class MultiHeadLatentAttention(Attention):
             f"nope_head_dim={self.nope_head_dim}, rope_head_dim={self.rope_head_dim}, "
             f"v_head_dim={self.v_head_dim}, absorb={self.absorb!r}"
         )
-
-
-def _rotate_half(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE in the rotate-half layout, computed in float32. x: (B, H, T, rope), cos/sin broadcastable -> same."""
-    x32 = x.float()
-    x1, x2 = x32.chunk(2, dim=-1)  # (B, H, T, rope/2) each
-    return (x32 * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
 def _check_structure(dim: int, n_heads: int, n_kv_heads: int, dropout: float) -> None:

@@ -98,6 +98,7 @@ class RoPE(Position):
             attention_factor=attention_factor, truncate=truncate,
         )  # fmt: skip
         _check_knobs(scaling, knobs)
+        self.settings = {"base": base, "scaling": scaling, "factor": factor, **knobs}  # what resized() repeats
         self.head_dim, self.scaling, self.factor = head_dim, scaling, factor
         self.low_freq_factor, self.high_freq_factor = low_freq_factor, high_freq_factor
         self.original_max_seq_len = original_max_seq_len
@@ -166,10 +167,18 @@ class RoPE(Position):
     def rotate(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """q: (B, H, T, hd), k: (B, Hkv, T, hd), positions: (B or 1, T) -> same shapes and dtypes."""
         cos, sin = self.cos_sin(positions)
-        return _apply(q, cos, sin), _apply(k, cos, sin)
+        return rotate_half(q, cos, sin), rotate_half(k, cos, sin)
+
+    def resized(self, head_dim: int) -> RoPE:
+        """The same rotation settings (base, scaling and its knobs) for heads of another width.
+
+        Multi-head latent attention rotates only a few decoupled channels per head with them.
+        """
+        return RoPE(dim=head_dim, n_heads=1, head_dim=head_dim, max_seq_len=1, **self.settings)
 
 
-def _apply(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def rotate_half(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE in the rotate-half layout, computed in float32. x: (..., T, hd), cos/sin broadcastable -> x's shape."""
     x32 = x.float()
     x1, x2 = x32.chunk(2, dim=-1)  # (B, H, T, hd/2) each
     rotated = torch.cat((-x2, x1), dim=-1)  # rotate_half
