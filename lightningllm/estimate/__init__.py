@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from lightningllm.estimate.memory import PRECISIONS, Sharding, TrainingMemory, training_memory
 from lightningllm.estimate.parameters import ParameterCount, count_parameters
-from lightningllm.estimate.trace import StepTrace, trace_step
+from lightningllm.estimate.trace import StepTrace, meta_copy, trace_step
 
 CHINCHILLA_TOKENS_PER_PARAMETER = 20  # Hoffmann et al. (2022), "Training Compute-Optimal Large Language Models"
 
@@ -123,9 +123,7 @@ def kv_cache_bytes(model: nn.Module, dtype: torch.dtype) -> tuple[int, int]:
     if not hasattr(model, "make_cache"):
         return 0, 0
     length = max(2, getattr(model, "max_seq_len", 2))
-    with torch.device("meta"):
-        meta = type(model).from_config(model.config) if hasattr(model, "from_config") else model
-    meta = meta.to(dtype=dtype)
+    meta = meta_copy(model, dtype)
     short, long = _bytes(meta.make_cache(1, 1)), _bytes(meta.make_cache(1, length))
     per_token = (long - short) // (length - 1)
     return per_token, short - per_token

@@ -15,6 +15,7 @@ of the measured peak, with and without checkpointing (``tests/estimate``).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +59,7 @@ def trace_step(model: nn.Module, batch_size: int, seq_len: int, dtype: torch.dty
         batch_size, seq_len: the micro-batch shape.
         dtype: the dtype activations are computed in (bf16 for ``bf16-mixed`` and ``bf16-true``).
     """
-    meta = _meta_copy(model, dtype)
+    meta = meta_copy(model, dtype).train()
     saved = _SavedBytes(meta)
     hooks = [h for i, blk in enumerate(_blocks(meta)) for h in saved.watch(i, blk)]
     ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
@@ -81,15 +82,15 @@ def trace_step(model: nn.Module, batch_size: int, seq_len: int, dtype: torch.dty
     )
 
 
-def _meta_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A ``meta`` copy in ``dtype`` (sharing nothing with ``model``)."""
-    with torch.device("meta"):
-        copy = type(model).from_config(model.config) if hasattr(model, "from_config") else None
-    if copy is None:
-        import copy as copying
+def meta_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``model`` on the meta device in ``dtype``; ``model`` itself is not changed.
 
-        copy = copying.deepcopy(model).to("meta")
-    return copy.to(dtype=dtype).train()
+    Models with ``from_config`` are rebuilt there directly (no memory at all); others are deep-copied.
+    """
+    if hasattr(model, "from_config"):
+        with torch.device("meta"):
+            return type(model).from_config(model.config).to(dtype=dtype)
+    return copy.deepcopy(model).to(device="meta", dtype=dtype)
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
