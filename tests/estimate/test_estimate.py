@@ -87,12 +87,13 @@ def measured_peak(model, batch_size, seq_len, checkpointing):
     [{"vocab_size": 100, "dim": 64, "n_layers": 2},
      {"vocab_size": 300, "dim": 128, "n_layers": 4, "ffn": "SwiGLU", "norm": "RMSNorm", "position": "RoPE"}],
 )  # fmt: skip
-def test_memory_estimate_is_within_30_percent_of_the_measured_peak(plugins, checkpointing, build_decoder):
+def test_memory_estimate_is_within_5_percent_of_the_measured_peak(plugins, checkpointing, build_decoder):
+    # The README's claim. Measured on these four cases: -2.1%, +1.3% (MLP) and +3.7%, +0.7% (SwiGLU/RoPE).
     torch.manual_seed(0)
     model = build_decoder(n_heads=4, max_seq_len=128, **plugins)
     shape = RunShape(batch_size=8, seq_len=128, checkpointing=checkpointing)
     estimated = estimate(model, shape).memory.total
-    assert estimated == pytest.approx(measured_peak(model, 8, 128, checkpointing), rel=0.3)
+    assert estimated == pytest.approx(measured_peak(model, 8, 128, checkpointing), rel=0.05)
 
 
 def test_checkpointing_keeps_block_inputs_and_one_block(build_decoder):

@@ -35,6 +35,17 @@ def test_loss_is_cross_entropy_on_shifted_tokens(decoder_factory):
     assert torch.allclose(task.loss(as_dict)[0], expected)
 
 
+def test_dict_batch_without_labels_predicts_the_next_token_not_the_previous(decoder_factory):
+    torch.manual_seed(0)
+    task = CausalLM(decoder_factory(vocab_size=16))
+    batch = cycle_batches(n=4)  # (B, T + 1), the shape TextDataModule's windows have before the split
+    loss, logits, labels = task.loss({"input_ids": batch})
+    assert torch.equal(labels, batch[:, 1:])
+    torch.testing.assert_close(logits, task.model(batch[:, :-1]))
+    expected = F.cross_entropy(task.model(batch[:, :-1]).reshape(-1, 16), batch[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+
+
 def test_fit_with_own_trainer_and_dataloader_lowers_loss(decoder_factory, tmp_path):
     torch.manual_seed(0)
     task = CausalLM(decoder_factory(vocab_size=16), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), warmup_steps=5)

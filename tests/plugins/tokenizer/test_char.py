@@ -64,6 +64,16 @@ def test_vocab_size_caps_to_most_frequent_characters():
     assert tokenizer.encode(rare) == [tokenizer.unk_id]
 
 
+@pytest.mark.parametrize("texts", [["zzyyxxw"], ["xxyyzzw"], ["wxyz", "zyx"]])
+def test_a_cap_on_a_frequency_tie_keeps_the_lower_code_points(texts):
+    # x, y and z are equally frequent and the cap keeps only two of them: the documented tie-break keeps
+    # x and y (lower code points), whatever order the characters first appear in.
+    tokenizer = CharTokenizer(vocab_size=len(SPECIAL_TOKENS) + 2)
+    tokenizer.train(texts)
+    assert tokenizer.decode(range(5, 7)) == "xy"
+    assert tokenizer.encode("z") == [tokenizer.unk_id]
+
+
 def test_save_load_round_trip(tok, tmp_path, check):
     tok.save(tmp_path)
     check.save_load_round_trip(CharTokenizer, tok, tmp_path, "vocab.json", "".join(CORPUS))
