@@ -13,7 +13,7 @@ from lightningllm.errors import ConfigError
 from lightningllm.mask import AttentionMask
 from lightningllm.registry import register
 
-FEATURE_MAPS = ("elu", "relu", "exp")
+FEATURE_MAPS = ("elu", "relu", "exp", "exp_head_dim")
 
 
 class LinearAttentionState(nn.Module):
@@ -105,6 +105,9 @@ class LinearAttention(Attention):
       (exp of large scores would overflow float32 beyond x ~ 88). The shift depends on the token alone,
       so it is one fixed function of x: causal, chunked and recurrent forms stay identical. For queries
       the shift cancels between numerator and denominator; for keys it is part of the map.
+    - ``exp_head_dim``: ``exp(x / hd)``, the form of the seed notes: no per-token shift, so a key's
+      weight depends on its own scale (unlike ``exp``, whose attention weights differ). Large inputs can
+      overflow; ``qk_norm`` keeps them bounded.
 
     The feature products are computed in float32 (float64 stays float64) and cast back to x's dtype.
 
@@ -134,7 +137,8 @@ class LinearAttention(Attention):
         n_kv_heads: key/value heads (None: n_heads); must divide n_heads.
         dropout: dropout on the per-head attention output while training (there is no matrix of
             attention probabilities to drop from).
-        feature_map: ``elu`` (elu + 1), ``relu`` or ``exp`` (exp(x - max x)); see above.
+        feature_map: ``elu`` (elu + 1), ``relu``, ``exp`` (exp(x - max x)) or ``exp_head_dim`` (exp(x / hd));
+            see above.
         bias: give the four projections a bias.
         chunk_size: positions per chunk of the causal form; trades the quadratic in-chunk work
             against the number of (hd, hd) chunk states.
@@ -148,7 +152,7 @@ class LinearAttention(Attention):
         n_heads: int,
         n_kv_heads: int | None = None,
         dropout: float = 0.0,
-        feature_map: Literal["elu", "relu", "exp"] = "elu",
+        feature_map: Literal["elu", "relu", "exp", "exp_head_dim"] = "elu",
         bias: bool = False,
         chunk_size: int = 64,
         eps: float = 1e-6,
@@ -268,6 +272,8 @@ class LinearAttention(Attention):
             return F.elu(x) + 1.0
         if self.feature_map == "relu":
             return F.relu(x)
+        if self.feature_map == "exp_head_dim":
+            return torch.exp(x / x.shape[-1])
         return torch.exp(x - x.amax(dim=-1, keepdim=True))  # entries in (0, 1], the largest exactly 1
 
     def _read(self, phi_q: Tensor, kv: Tensor, k_sum: Tensor) -> Tensor:

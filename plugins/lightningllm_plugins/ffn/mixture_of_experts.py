@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -68,6 +68,15 @@ class MixtureOfExperts(FeedForward):
     a cache routes ``B`` tokens per step, so capacity binds differently than in training; use
     ``capacity_factor=None`` (no dropping) where outputs must not depend on batch composition.
 
+    ``capacity_formula="floor"`` takes the seed notes' ``max(1, floor(capacity_factor * tokens / n_experts))``
+    instead: tokens rather than assignments, so with ``top_k > 1`` it binds ``top_k`` times harder (at
+    least 1, so a one-token decoding step is not always dropped). ``overflow="reroute"`` sends an
+    assignment whose expert is full to the token's next-ranked expert (beyond its top-k, in router
+    order) that still has room, in the same causal priority order, with that expert's router
+    probability as its weight (divided by the token's top-k sum when ``normalize_top_k``); only when no
+    expert has room is it dropped. Rerouting walks the assignments one by one, so it is slower; it
+    runs only on forwards where something overflowed.
+
     Auxiliary loss, stored in ``self.aux_loss`` (a float32 scalar) on every forward, training and
     eval, and added to the task's loss:
 
@@ -76,6 +85,9 @@ class MixtureOfExperts(FeedForward):
       top-k assignments (before capacity dropping) that chose ``e``. With ``top_k=1`` this is
       Switch's fraction of tokens; for larger ``top_k`` every choice counts (GShard counts only
       first choices). It is 1 when routing is uniform. Scaled by ``aux_loss_weight``.
+      ``load_fraction="tokens"`` counts per token instead, as the seed notes do: ``f_e = N_e / tokens``
+      with ``N_e`` the tokens that chose ``e`` among their top-k, so ``sum_e f_e = top_k`` and the loss
+      is ``top_k`` times the default (``top_k`` when routing is uniform).
     - router z-loss (ST-MoE, Zoph et al., 2022, eq. 5): ``mean_tokens(logsumexp(logits) ** 2)``,
       which keeps router logits small; scaled by ``z_loss_weight``.
 
@@ -131,6 +143,13 @@ class MixtureOfExperts(FeedForward):
         expert: registered ffn plugin name of the experts, e.g. ``SwiGLU`` or ``MLP``.
         expert_args: the experts' own knobs, e.g. ``{"activation": "relu"}`` for ``MLP``.
         capacity_factor: expert capacity relative to an even split of assignments; None never drops.
+        capacity_formula: ``ceil``: ``ceil(capacity_factor * tokens * top_k / n_experts)`` assignments
+            per expert; ``floor``: the seed notes' ``max(1, floor(capacity_factor * tokens / n_experts))``.
+        overflow: ``drop`` an assignment whose expert is full, or ``reroute`` it to the token's
+            next-ranked expert with room.
+        router_bias: give the router a bias (zero-initialised); Switch and Mixtral have none.
+        load_fraction: ``f_e`` of the load-balancing loss: the share of ``assignments`` (sums to 1),
+            or the share of ``tokens`` choosing ``e`` (the seed notes' form; sums to ``top_k``).
         normalize_top_k: rescale the chosen top-k probabilities to sum to 1 (Mixtral). With
             ``top_k=1`` every weight is then 1, so the router learns only from the auxiliary loss;
             Switch Transformer keeps the raw probability (``False``).
@@ -153,6 +172,10 @@ class MixtureOfExperts(FeedForward):
         expert: str = "SwiGLU",
         expert_args: dict[str, Any] | None = None,
         capacity_factor: float | None = 1.25,
+        capacity_formula: Literal["ceil", "floor"] = "ceil",
+        overflow: Literal["drop", "reroute"] = "drop",
+        router_bias: bool = False,
+        load_fraction: Literal["assignments", "tokens"] = "assignments",
         normalize_top_k: bool = True,
         aux_loss_weight: float = 0.01,
         z_loss_weight: float = 0.0,
@@ -162,12 +185,16 @@ class MixtureOfExperts(FeedForward):
         super().__init__()
         expert_args = dict(expert_args or {})
         _check_knobs(n_experts, top_k, capacity_factor, aux_loss_weight, z_loss_weight, expert_args)
+        _check_choice("capacity_formula", capacity_formula, ("ceil", "floor"))
+        _check_choice("overflow", overflow, ("drop", "reroute"))
+        _check_choice("load_fraction", load_fraction, ("assignments", "tokens"))
         expert_class = _expert_class(expert)
         self.n_experts, self.top_k, self.capacity_factor = n_experts, top_k, capacity_factor
+        self.capacity_formula, self.overflow, self.load_fraction = capacity_formula, overflow, load_fraction
         self.normalize_top_k = normalize_top_k
         self.aux_loss_weight, self.z_loss_weight = aux_loss_weight, z_loss_weight
         self.expert_parallel = expert_parallel or process_group is not None
-        self.router = nn.Linear(dim, n_experts, bias=False)
+        self.router = nn.Linear(dim, n_experts, bias=router_bias)
         first, count = _expert_slice(n_experts, process_group) if process_group is not None else (0, n_experts)
         self.experts = ExpertSlice(
             [expert_class(dim=dim, hidden_dim=hidden_dim, dropout=dropout, **expert_args) for _ in range(count)],
@@ -179,12 +206,14 @@ class MixtureOfExperts(FeedForward):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The router only: truncated normal, std ``sqrt(0.1 / dim)`` (Switch Transformer, section 2.4).
+        """The router only: truncated normal, std ``sqrt(0.1 / dim)`` (Switch Transformer, section 2.4); bias zero.
 
         The experts are ordinary ``nn.Linear`` modules, initialised by the model.
         """
         std = math.sqrt(0.1 / self.router.in_features)
         nn.init.trunc_normal_(self.router.weight, std=std, a=-2 * std, b=2 * std)
+        if self.router.bias is not None:
+            nn.init.zeros_(self.router.bias)
 
     @property
     def local_experts(self) -> range:
@@ -248,7 +277,7 @@ class MixtureOfExperts(FeedForward):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         self.aux_loss = self._aux_loss(logits, probs, chosen)
 
-        routing = self._route(chosen, weights)
+        routing = self._route(chosen, weights, probs)
         expert_inputs, exchange = self._dispatch(x.reshape(B * T, dim), routing)
         expert_outputs = [expert(inputs) for expert, inputs in zip(self.experts, expert_inputs)]
         y = self._combine(expert_outputs, routing, exchange, n_tokens=B * T)  # (B * T, dim)
@@ -279,7 +308,8 @@ class MixtureOfExperts(FeedForward):
     def _aux_loss(self, logits: Tensor, probs: Tensor, chosen: Tensor) -> Tensor:
         """Weighted load-balancing plus z-loss; logits, probs: (B, T, n_experts), chosen: (B, T, top_k)."""
         counts = _count(chosen.flatten(), self.n_experts)  # (n_experts,)
-        f = counts.to(probs.dtype) / chosen.numel()  # fraction of assignments per expert
+        per = chosen.numel() if self.load_fraction == "assignments" else chosen.shape[0] * chosen.shape[1]
+        f = counts.to(probs.dtype) / per  # fraction of assignments (or of tokens) per expert
         P = probs.flatten(0, 1).mean(dim=0)  # (n_experts,) mean router probability
         loss = self.aux_loss_weight * self.n_experts * (f * P).sum()
         if self.z_loss_weight:
@@ -289,6 +319,8 @@ class MixtureOfExperts(FeedForward):
     def _capacity(self, n_tokens: int) -> int | None:
         if self.capacity_factor is None:
             return None
+        if self.capacity_formula == "floor":
+            return max(1, math.floor(self.capacity_factor * n_tokens / self.n_experts))
         return math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
 
     @torch.no_grad()
@@ -311,17 +343,59 @@ class MixtureOfExperts(FeedForward):
             counts = counts.clamp(max=capacity)
         return order, counts
 
-    def _route(self, chosen: Tensor, weights: Tensor) -> Routing:
-        """chosen, weights: (B, T, top_k) -> the kept assignments sorted by expert; records the load."""
+    def _route(self, chosen: Tensor, weights: Tensor, probs: Tensor) -> Routing:
+        """chosen, weights: (B, T, top_k), probs: (B, T, n_experts) -> the kept assignments sorted by expert.
+
+        Records the load.
+        """
         B, T, k = chosen.shape
         order, counts = self._order(chosen)
-        token = torch.arange(B * T, device=chosen.device).view(B, T, 1).expand(B, T, k)  # (B, T, top_k)
-        token = token.permute(1, 2, 0).flatten()[order]  # (M,)
-        weight = weights.permute(1, 2, 0).flatten()[order]  # (M,)
+        if self.overflow == "reroute" and not chosen.is_meta and int(counts.sum()) < chosen.numel():
+            token, expert = self._reroute(chosen, probs)
+            order = torch.argsort(expert, stable=True)  # by expert, priority order within each
+            token, counts = token[order], _count(expert, self.n_experts)
+            weight = probs.flatten(0, 1)[token, expert[order]]  # (M,)
+            if self.normalize_top_k:  # by the token's top-k sum, as the top-k weights are
+                weight = weight / probs.flatten(0, 1)[token].gather(1, chosen.flatten(0, 1)[token]).sum(-1)
+        else:
+            token = torch.arange(B * T, device=chosen.device).view(B, T, 1).expand(B, T, k)  # (B, T, top_k)
+            token = token.permute(1, 2, 0).flatten()[order]  # (M,)
+            weight = weights.permute(1, 2, 0).flatten()[order]  # (M,)
         load = counts.float() / chosen.numel()
         self.last_expert_load = load.detach()
         self.last_dropped_fraction = (1 - load.sum()).clamp(min=0).detach()
         return Routing(token, weight, counts.tolist() if not counts.is_meta else _even(order.numel(), self.n_experts))
+
+    @torch.no_grad()
+    def _reroute(self, chosen: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
+        """Serve the assignments one by one in causal priority order, an overflowing one at its next choice.
+
+        chosen: (B, T, top_k), probs: (B, T, n_experts) -> (M,) flat token and (M,) expert of each kept
+        assignment, in priority order.
+        """
+        B, T, k = chosen.shape
+        capacity = self._capacity(B * T)
+        ranked = probs.argsort(dim=-1, descending=True)[..., k:].tolist()  # (B, T, E - k) fallbacks, best first
+        picks = chosen.tolist()
+        used = [0] * self.n_experts
+        tokens, experts = [], []
+        for t in range(T):
+            for rank in range(k):
+                for b in range(B):
+                    taken = picks[b][t][:rank]  # earlier choices of this token, rerouted or not
+                    for e in [picks[b][t][rank], *ranked[b][t]]:
+                        if used[e] < capacity and e not in taken:
+                            used[e] += 1
+                            picks[b][t][rank] = e
+                            tokens.append(b * T + t)
+                            experts.append(e)
+                            break
+                    else:
+                        picks[b][t][rank] = -1
+        device = chosen.device
+        return torch.tensor(tokens, dtype=torch.long, device=device), torch.tensor(
+            experts, dtype=torch.long, device=device
+        )
 
     def _dispatch(self, x: Tensor, routing: Routing) -> tuple[list[Tensor], Exchange | None]:
         """x: (B * T, dim) -> one (count_e, dim) slice of tokens per local expert, and how they moved.
@@ -487,6 +561,11 @@ def _expert_class(name: str) -> type:
             "Choose a dense ffn plugin for the experts, e.g. SwiGLU or MLP."
         )
     return cls
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"MixtureOfExperts {name}={value!r} is unknown; choose one of {', '.join(allowed)}.")
 
 
 def _check_knobs(

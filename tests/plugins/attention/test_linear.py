@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,7 @@ from lightningllm_plugins.position.no_position import NoPosition
 from lightningllm_plugins.position.rope import RoPE
 
 DIM, N_HEADS, HEAD_DIM, EPS = 32, 4, 8, 1e-6
-FEATURE_MAPS = ["elu", "relu", "exp"]
+FEATURE_MAPS = ["elu", "relu", "exp", "exp_head_dim"]
 
 
 def make_position(name):
@@ -30,7 +32,27 @@ def naive_phi(name, x):
         return torch.where(x > 0, x + 1.0, torch.exp(x))  # elu(x) + 1
     if name == "relu":
         return x.clamp(min=0.0)
+    if name == "exp_head_dim":
+        return torch.exp(x / HEAD_DIM)  # the seed notes' exp(x / d_head)
     return torch.exp(x) / torch.exp(x.max(dim=-1, keepdim=True).values)
+
+
+def test_exp_head_dim_weights_are_the_seed_formula_and_differ_from_the_shifted_exp():
+    # One head, no projections in the way: the attention weight of key s for query t is
+    # sum_i exp(q_i / d) exp(k_i / d), normalised over s; the per-key max shift of "exp" changes it.
+    attention = make_attention(feature_map="exp_head_dim")
+    q, k = torch.randn(1, 1, 3, HEAD_DIM, dtype=torch.float64), torch.randn(1, 1, 3, HEAD_DIM, dtype=torch.float64)
+    d = HEAD_DIM
+    scores = torch.tensor(
+        [[sum(math.exp(q[0, 0, t, i] / d) * math.exp(k[0, 0, s, i] / d) for i in range(d)) for s in range(3)]
+         for t in range(3)], dtype=torch.float64,
+    )  # fmt: skip
+    phi_q, phi_k = attention._phi(q), attention._phi(k)
+    torch.testing.assert_close((phi_q @ phi_k.transpose(-1, -2))[0, 0], scores)
+    shifted = make_attention(feature_map="exp")
+    weights = scores / scores.sum(-1, keepdim=True)
+    other = shifted._phi(q) @ shifted._phi(k).transpose(-1, -2)
+    assert not torch.allclose(weights, (other / other.sum(-1, keepdim=True))[0, 0], atol=1e-3)
 
 
 def naive_rms(x, weight):

@@ -14,33 +14,38 @@ from lightningllm.tasks import CausalLM
 from lightningllm_plugins.ffn.mixture_of_experts import MixtureOfExperts
 
 
-def routed_by_hand(moe, x, capacity=None):
+def routed_by_hand(moe, x, capacity=None, reroute=False):
     """Per-token loop: sum_k w_k * expert_{e_k}(x_t), with capacity served in (t, choice, b) order.
 
-    Returns the output and the number of dropped assignments.
+    With ``reroute`` an assignment whose expert is full goes to the token's best-ranked expert outside
+    its top-k (and not already serving it) with room, weighted by that expert's probability (over the
+    top-k sum when normalising). Returns the output and the number of dropped assignments.
     """
     B, T, dim = x.shape
-    probs = torch.softmax(x @ moe.router.weight.T, dim=-1)  # (B, T, E)
-    choices = {}  # (b, t) -> [(expert, weight), ...] in choice order
+    logits = x @ moe.router.weight.T + (moe.router.bias if moe.router.bias is not None else 0)
+    probs = torch.softmax(logits, dim=-1)  # (B, T, E)
+    choices, fallbacks, norm = {}, {}, {}  # (b, t) -> top-k experts, the other experts best first, weight divisor
     for b in range(B):
         for t in range(T):
-            ranked = sorted(range(moe.n_experts), key=lambda e: -probs[b, t, e].item())[: moe.top_k]
-            w = probs[b, t, ranked]
-            if moe.normalize_top_k:
-                w = w / w.sum()
-            choices[b, t] = list(zip(ranked, w))
+            ranked = sorted(range(moe.n_experts), key=lambda e: -probs[b, t, e].item())
+            choices[b, t], fallbacks[b, t] = ranked[: moe.top_k], ranked[moe.top_k :]
+            norm[b, t] = probs[b, t, choices[b, t]].sum() if moe.normalize_top_k else 1.0
     used = [0] * moe.n_experts
     out = torch.zeros_like(x)
     dropped = 0
     for t in range(T):
         for rank in range(moe.top_k):
             for b in range(B):
-                e, w = choices[b, t][rank]
-                if capacity is not None and used[e] >= capacity:
+                served = [e for e in choices[b, t][:rank] if e is not None]
+                candidates = [choices[b, t][rank]] + (fallbacks[b, t] if reroute else [])
+                room = [e for e in candidates if (capacity is None or used[e] < capacity) and e not in served]
+                if not room:
+                    choices[b, t][rank] = None
                     dropped += 1
                     continue
+                e = choices[b, t][rank] = room[0]
                 used[e] += 1
-                out[b, t] += w * moe.experts[e](x[b, t][None])[0]
+                out[b, t] += probs[b, t, e] / norm[b, t] * moe.experts[e](x[b, t][None])[0]
     return out, dropped
 
 
@@ -117,7 +122,8 @@ def test_aux_loss_is_set_in_eval_too():
     assert moe.aux_loss.item() > 0
 
 
-@pytest.mark.parametrize(("top_k", "capacity_factor"), [(1, 0.5), (2, 0.5), (2, 0.25)])
+# Fractional capacities (16 * 0.3 / 4 = 1.2, 32 * 0.3 / 4 = 2.4, 32 * 0.55 / 4 = 4.4) tell rounding up from down.
+@pytest.mark.parametrize(("top_k", "capacity_factor"), [(1, 0.5), (2, 0.5), (2, 0.25), (1, 0.3), (2, 0.3), (2, 0.55)])
 def test_capacity_drops_in_causal_priority_order(top_k, capacity_factor):
     torch.manual_seed(0)
     moe = MixtureOfExperts(dim=8, hidden_dim=16, n_experts=4, top_k=top_k, capacity_factor=capacity_factor).double()
@@ -131,6 +137,7 @@ def test_capacity_drops_in_causal_priority_order(top_k, capacity_factor):
     torch.testing.assert_close(y, expected)
     kept_per_expert = moe.last_expert_load * 16 * top_k
     assert (kept_per_expert <= capacity + 1e-9).all()
+    assert kept_per_expert.max().round() == capacity  # a full expert holds exactly the capacity
     assert moe.last_dropped_fraction.item() == pytest.approx(dropped / (16 * top_k))
     torch.testing.assert_close(moe.last_expert_load.sum() + moe.last_dropped_fraction, torch.tensor(1.0))
 
@@ -254,3 +261,100 @@ def test_per_expert_load_is_logged_by_the_task(decoder_factory, tmp_path):
                         enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
     trainer.fit(task, DataLoader(torch.randint(0, 16, (8, 17)), batch_size=4))
     assert {f"train/expert_load/{e}" for e in range(4)} | {"train/dropped_fraction"} <= set(trainer.logged_metrics)
+
+
+def skewed(seed=0, **knobs):
+    """A float64 MixtureOfExperts whose router favours expert 0, so its queue overflows."""
+    torch.manual_seed(seed)
+    moe = MixtureOfExperts(dim=8, hidden_dim=16, n_experts=4, **knobs).double()
+    with torch.no_grad():
+        moe.router.weight[0] += 0.5
+    return moe
+
+
+@pytest.mark.parametrize(("top_k", "capacity_factor"), [(1, 0.3), (1, 0.5), (2, 0.55), (2, 0.9), (2, 0.1)])
+def test_floor_capacity_is_the_seed_formula_per_token(top_k, capacity_factor):
+    moe = skewed(top_k=top_k, capacity_factor=capacity_factor, capacity_formula="floor")
+    x = torch.randn(2, 8, 8, dtype=torch.float64)
+    capacity = max(1, math.floor(capacity_factor * 2 * 8 / 4))  # floor(alpha B L / E), at least one
+    assert moe._capacity(16) == capacity
+    expected, dropped = routed_by_hand(moe, x, capacity)
+    assert dropped > 0
+    torch.testing.assert_close(moe(x), expected)
+    assert moe.last_dropped_fraction.item() == pytest.approx(dropped / (16 * top_k))
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_load_fraction_per_token_is_the_seed_formula_and_top_k_times_the_default(top_k):
+    moe = hand_routed(top_k=top_k, aux_loss_weight=0.5, load_fraction="tokens")
+    moe(torch.tensor([LOGITS]))
+    B, L, E = 1, len(LOGITS), 4
+    chosen = [sorted(range(E), key=lambda e: -row[e])[:top_k] for row in LOGITS]
+    f = [sum(e in c for c in chosen) / (B * L) for e in range(E)]  # f_e = N_e / (B L)
+    P = [sum(math.exp(row[e]) / sum(math.exp(v) for v in row) for row in LOGITS) / L for e in range(E)]
+    expected = 0.5 * E * sum(f_e * P_e for f_e, P_e in zip(f, P))
+    assert moe.aux_loss.item() == pytest.approx(expected, rel=1e-6)
+    default = hand_routed(top_k=top_k, aux_loss_weight=0.5)
+    default(torch.tensor([LOGITS]))
+    assert moe.aux_loss.item() == pytest.approx(top_k * default.aux_loss.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_router_bias_shifts_routing_as_in_the_per_token_loop(top_k):
+    moe = skewed(top_k=top_k, capacity_factor=0.5, router_bias=True)
+    assert torch.equal(moe.router.bias, torch.zeros(4, dtype=torch.float64))  # zero at initialisation
+    with torch.no_grad():
+        moe.router.bias.copy_(torch.tensor([-1.0, 0.5, 0.0, 1.0]))
+    x = torch.randn(2, 8, 8, dtype=torch.float64)
+    expected, _ = routed_by_hand(moe, x, math.ceil(0.5 * 16 * top_k / 4))
+    y = moe(x)
+    torch.testing.assert_close(y, expected)
+    (y.sum() + moe.aux_loss).backward()
+    assert moe.router.bias.grad.abs().sum() > 0
+    assert MixtureOfExperts(dim=8, hidden_dim=16).router.bias is None  # off by default, as in Switch and Mixtral
+
+
+@pytest.mark.parametrize("normalize_top_k", [True, False])
+@pytest.mark.parametrize(
+    ("top_k", "capacity_factor", "formula"), [(1, 0.5, "ceil"), (1, 1.1, "ceil"), (2, 1.1, "ceil"), (2, 2.1, "floor")]
+)
+def test_overflow_reroutes_to_the_next_choice_with_room(top_k, capacity_factor, formula, normalize_top_k):
+    knobs = dict(
+        top_k=top_k, capacity_factor=capacity_factor, capacity_formula=formula, normalize_top_k=normalize_top_k
+    )
+    moe = skewed(overflow="reroute", **knobs)
+    x = torch.randn(2, 8, 8, dtype=torch.float64)
+    capacity = moe._capacity(16)
+    expected, dropped = routed_by_hand(moe, x, capacity, reroute=True)
+    _, dropped_without = routed_by_hand(moe, x, capacity)
+    assert 0 < dropped_without and dropped < dropped_without  # rerouting served some of what dropping loses
+    y = moe(x)
+    torch.testing.assert_close(y, expected)
+    assert moe.last_dropped_fraction.item() == pytest.approx(dropped / (16 * top_k))
+    assert (moe.last_expert_load * 16 * top_k <= capacity + 1e-9).all()
+    y.sum().backward()  # the rerouted weights are router probabilities: the router learns from them
+    assert moe.router.weight.grad.abs().sum() > 0
+
+
+def test_reroute_is_causal_and_equals_drop_when_nothing_overflows():
+    moe = skewed(top_k=2, capacity_factor=0.5, overflow="reroute")
+    x = torch.randn(3, 10, 8, dtype=torch.float64)
+    changed = x.clone()
+    changed[:, 6:] = torch.randn(3, 4, 8, dtype=torch.float64)
+    torch.testing.assert_close(moe(x)[:, :6], moe(changed)[:, :6])
+    roomy = skewed(top_k=2, capacity_factor=None)
+    rerouting = skewed(top_k=2, capacity_factor=4.0, overflow="reroute")
+    torch.testing.assert_close(rerouting(x), roomy(x))
+
+
+@pytest.mark.parametrize(
+    ("knobs", "message"),
+    [
+        ({"capacity_formula": "round"}, "capacity_formula='round' is unknown; choose one of ceil, floor"),
+        ({"overflow": "skip"}, "overflow='skip' is unknown; choose one of drop, reroute"),
+        ({"load_fraction": "probs"}, "load_fraction='probs' is unknown"),
+    ],
+)
+def test_unknown_seed_options_are_refused(knobs, message):
+    with pytest.raises(ConfigError, match=message):
+        MixtureOfExperts(dim=8, hidden_dim=16, **knobs)
