@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from functools import partial
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -375,15 +376,17 @@ class MixtureOfExperts(FeedForward):
         """
         B, T, k = chosen.shape
         capacity = self._capacity(B * T)
-        ranked = probs.argsort(dim=-1, descending=True)[..., k:].tolist()  # (B, T, E - k) fallbacks, best first
+        ranked = probs.argsort(dim=-1, descending=True).tolist()  # (B, T, E), best first
         picks = chosen.tolist()
+        # each token's fallbacks: the experts outside its top-k, best first (a tie cannot repeat a top-k expert)
+        fallbacks = [[[e for e in ranked[b][t] if e not in picks[b][t]] for t in range(T)] for b in range(B)]
         used = [0] * self.n_experts
         tokens, experts = [], []
         for t in range(T):
             for rank in range(k):
                 for b in range(B):
                     taken = picks[b][t][:rank]  # earlier choices of this token, rerouted or not
-                    for e in [picks[b][t][rank], *ranked[b][t]]:
+                    for e in [picks[b][t][rank], *fallbacks[b][t]]:
                         if used[e] < capacity and e not in taken:
                             used[e] += 1
                             picks[b][t][rank] = e
@@ -392,10 +395,8 @@ class MixtureOfExperts(FeedForward):
                             break
                     else:
                         picks[b][t][rank] = -1
-        device = chosen.device
-        return torch.tensor(tokens, dtype=torch.long, device=device), torch.tensor(
-            experts, dtype=torch.long, device=device
-        )
+        as_tensor = partial(torch.tensor, dtype=torch.long, device=chosen.device)
+        return as_tensor(tokens), as_tensor(experts)
 
     def _dispatch(self, x: Tensor, routing: Routing) -> tuple[list[Tensor], Exchange | None]:
         """x: (B * T, dim) -> one (count_e, dim) slice of tokens per local expert, and how they moved.
