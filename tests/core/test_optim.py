@@ -30,7 +30,7 @@ def test_schedule_matches_formula(schedule):
         opt.step()
         sched.step()
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    for step in (10, 60, 110, 119):
+    for step in (10, 35, 60, 85, 110, 119):  # 35 and 85: cosine and linear differ (they meet at the midpoint)
         progress = min(1.0, (step - 10) / 100)
         shape = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}
         expected = 1.0 if schedule == "constant" else 0.1 + 0.9 * shape[schedule]
