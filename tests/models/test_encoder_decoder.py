@@ -145,6 +145,8 @@ def test_shift_right_starts_with_the_start_token_and_pads_ignored_labels():
     assert torch.equal(model.shift_right(labels), torch.tensor([[2, 7, 8, 9], [2, 7, 3, 0]]))
     with pytest.raises(ConfigError, match="decoder_input_ids"):
         model(labels.clamp(min=0))
+    other = build(pad_id=5, decoder_start_id=1)  # with pad_id 0, clamping -100 to 0 would pass the check above
+    assert torch.equal(other.shift_right(labels), torch.tensor([[1, 7, 8, 9], [1, 7, 3, 5]]))
 
 
 def test_shared_embedding_and_tied_head():
