@@ -120,6 +120,13 @@ def test_loss_scores_only_predictions_past_the_prefix(decoder_factory):
     torch.testing.assert_close(loss.double(), torch.stack(terms).mean(), rtol=1e-5, atol=1e-6)
     assert torch.equal(scored, naive_labels(labels, P))
 
+    # The same windows unshifted ({"input_ids": (B, T + 1)} without labels): PrefixLM shifts them itself.
+    unshifted = {"input_ids": ids, "prefix_lengths": batch["prefix_lengths"]}
+    loss_unshifted, logits_unshifted, scored_unshifted = task.loss(unshifted)
+    assert torch.equal(scored_unshifted, naive_labels(ids[:, 1:], P))
+    torch.testing.assert_close(logits_unshifted, logits)
+    torch.testing.assert_close(loss_unshifted, loss)
+
 
 def test_no_prefix_is_causal_lm(decoder_factory):
     torch.manual_seed(0)
