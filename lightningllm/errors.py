@@ -5,6 +5,9 @@ The CLI prints that paragraph (no traceback unless ``LIGHTNINGLLM_TRACEBACK=1``)
 and exits with status 2.
 """
 
+import errno
+import os
+
 
 class LightningLLMError(Exception):
     """Base class of every error a user can cause."""
@@ -35,3 +38,35 @@ class TokenizerError(LightningLLMError, ValueError):
 
 class ExportError(LightningLLMError, ValueError):
     """An export folder whose config, weights and tokenizer disagree."""
+
+
+class UnsafeConfigError(LightningLLMError):
+    """A saved config that names code outside lightningllm and its registered plugins."""
+
+
+class WriteError(LightningLLMError, OSError):
+    """A write that the target refuses: a folder lightningllm did not write, a lock held by another
+    process, or a filesystem fault (read-only, full, permission denied)."""
+
+
+WRITE_ERRNOS = {
+    errno.EROFS: "the filesystem is read-only; choose a folder on a writable filesystem",
+    errno.ENOSPC: "no space is left on the device; free space or choose a folder on another filesystem",
+    errno.EDQUOT: "the disk quota is exceeded; free space or choose a folder on another filesystem",
+    errno.EFBIG: "the file is larger than this filesystem allows; choose a folder on another filesystem",
+    errno.EACCES: "permission is denied; choose a folder this user can write",
+    errno.EPERM: "the operation is not permitted; choose a folder this user can write",
+}
+
+
+def write_error(err: OSError, path: object | None = None) -> WriteError | None:
+    """One paragraph for a filesystem fault while writing ``path`` (None: ``err`` is no such fault)."""
+    if isinstance(err, LightningLLMError) or err.errno not in WRITE_ERRNOS:
+        return None
+    where = f"{str(path)!r}" if path is not None else f"{str(err.filename)!r}"
+    inner = err.filename is not None and path is not None and str(err.filename) != str(path)
+    detail = f" (at {str(err.filename)!r})" if inner else ""
+    return WriteError(
+        f"Cannot write {where}{detail}: {err.strerror or os.strerror(err.errno)} "
+        f"[{errno.errorcode[err.errno]}]: {WRITE_ERRNOS[err.errno]}."
+    )
