@@ -79,6 +79,12 @@ def source(kind: str, name: str) -> str:
     return _sources[(kind, name)]
 
 
+def plugin_modules() -> frozenset[str]:
+    """The modules that define registered plugins (the code a user installed as plugins)."""
+    load_plugins()
+    return frozenset(_sources.values())
+
+
 def load_plugins() -> None:
     """Import every plugin module advertised under the ``lightningllm.plugins`` entry-point group.
 

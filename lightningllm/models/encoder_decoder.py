@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightningllm.cache import KVCache
-from lightningllm.config import factory_of, spec_of
+from lightningllm.config import factory_of, import_class, spec_of
 from lightningllm.contracts import (
     AttentionFactory,
     BlockFactory,
@@ -430,9 +429,8 @@ def _build_encoder(spec: dict[str, Any]) -> nn.Module:
             "encoder has no config dict and from_config classmethod, so it cannot be rebuilt. Give the encoder "
             "class both (as lightningllm models have), or rebuild the model in Python with encoder=."
         )
-    module_name, _, attr = class_path.rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module_name), attr)
+        cls = import_class(class_path, "encoder")
     except (ImportError, AttributeError, ValueError):
         raise ConfigError(
             f"The EncoderDecoder config names encoder class {class_path!r}, which cannot be imported."
