@@ -125,8 +125,11 @@ class Tokenizer:
             raise TokenizerError(f"{type(self).__name__} has not been trained or loaded, so it cannot be saved.")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        before = set(os.listdir(directory))
         self._save_files(directory)
+        written = sorted(set(os.listdir(directory)) - before)  # lets a later export recognise these files as ours
         meta = {"class_path": type(self).__name__, "init_args": self.init_args(), "vocab_size": self.vocab_size}
+        meta["files"] = written
         (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
@@ -195,3 +198,20 @@ class Tokenizer:
                 f"{filename!r} (as written by save()) or the {filename!r} file itself."
             )
         return resolved
+
+
+def saved_files(directory: str | os.PathLike) -> frozenset[str]:
+    """The names of the files a tokenizer saved into ``directory`` (its config and what the config lists).
+
+    Folders written before ``tokenizer_config.json`` listed its files hold one of the built-in plugins' files.
+    """
+    try:
+        listed = json.loads((Path(directory) / META_FILE).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if not isinstance(listed, list) or not all(isinstance(name, str) and "/" not in name for name in listed):
+        listed = []
+    return frozenset({META_FILE, *LEGACY_FILES, *listed})
+
+
+LEGACY_FILES = ("vocab.json", "tokenizer.json", "tokenizer.model")

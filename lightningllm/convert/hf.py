@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lightningllm.atomic import atomic_directory
+from lightningllm.atomic import FolderRule, atomic_directory
 from lightningllm.convert.families import FAMILIES
 from lightningllm.convert.table import (
     ConversionError,
@@ -40,7 +40,7 @@ from lightningllm.convert.table import (
     with_plugin_defaults,
 )
 from lightningllm.errors import ConfigError
-from lightningllm.io import export, load
+from lightningllm.io import check_target, export, load
 from lightningllm.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 CONFIG = "config.json"
@@ -50,6 +50,11 @@ TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 ROLES = ("pad", "unk", "bos", "eos", "mask")
+HF_FOLDER = FolderRule(
+    "Hugging Face folder written by lightningllm",
+    required=frozenset({CONFIG, WEIGHTS}),
+    allowed=lambda folder: frozenset({CONFIG, WEIGHTS, TOKENIZER, TOKENIZER_CONFIG}),
+)
 
 
 @dataclass
@@ -83,6 +88,7 @@ def from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Conversion
             misshapen weights; the message names every one.
     """
     hf_dir = Path(hf_dir)
+    check_target(out_dir)  # refuse a folder of someone else's files before the conversion's work
     hf_config = read_config(hf_dir)
     family = family_of(hf_config, hf_dir)
     config = our_config(family, hf_config, source=str(hf_dir))
@@ -395,7 +401,9 @@ def hf_special_tokens(hf_dir: Path) -> dict[str, str]:
 # --- lightningllm -> Hugging Face ------------------------------------------------------------
 
 
-def to_hf(export_dir: str | os.PathLike, hf_dir: str | os.PathLike, *, family: str | None = None) -> Conversion:
+def to_hf(
+    export_dir: str | os.PathLike, hf_dir: str | os.PathLike, *, family: str | None = None, trust_code: bool = False
+) -> Conversion:
     """Convert a lightningllm export folder into a folder ``transformers`` loads with ``from_pretrained``.
 
     Args:
@@ -404,11 +412,14 @@ def to_hf(export_dir: str | os.PathLike, hf_dir: str | os.PathLike, *, family: s
             ``model.safetensors`` and, for a tokenizer built on HF ``tokenizers``, ``tokenizer.json``
             with ``tokenizer_config.json``.
         family: the HF ``model_type`` to write; None: the first table that represents the model exactly.
+        trust_code: import any class the export's config names (see :func:`lightningllm.io.load`).
 
     Raises:
         ConversionError: no table represents the model exactly; the message says why for each.
+        WriteError: ``hf_dir`` holds files that are not a folder this function wrote.
     """
-    model, tokenizer = load(export_dir)
+    HF_FOLDER.check(Path(hf_dir))  # before the conversion's work, not after
+    model, tokenizer = load(export_dir, trust_code=trust_code)
     table, hf_config = _export_family(model, family, str(export_dir))
     canonical, aliases = _canonical_names(model)
     plan, _ = _plan(table, canonical, aliases, model.config)
@@ -428,7 +439,7 @@ def to_hf(export_dir: str | os.PathLike, hf_dir: str | os.PathLike, *, family: s
         "dtype": str(dtypes.pop() if len(dtypes) == 1 else torch.float32).removeprefix("torch."),
     }
     notes = []
-    with atomic_directory(hf_dir, replace=True) as staging:
+    with atomic_directory(hf_dir, replace=HF_FOLDER) as staging:
         (staging / CONFIG).write_text(json.dumps(hf_config, indent=2) + "\n")
         save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
         _write_tokenizer(tokenizer, staging, model, notes)
