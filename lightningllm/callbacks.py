@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import lightning as L
 import torch
 from torch import nn
 
-from lightningllm.errors import ConfigError, ExportError
-from lightningllm.io import export
+from lightningllm.checkpoints import run_on_rank_zero
+from lightningllm.errors import ConfigError, ExportError, LightningLLMError, WriteError
+from lightningllm.io import check_target, export
+from lightningllm.locks import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -17,17 +20,30 @@ log = logging.getLogger(__name__)
 class Export(L.Callback):
     """Export the trained model and the data module's tokenizer when ``fit`` ends.
 
+    When fitting starts, before any training, the target is checked: it must be missing, an empty folder
+    or an earlier export (a folder of other files is refused, never deleted), and it is locked for the
+    run, so a second run exporting to the same folder is refused naming this one's PID.
+
     Under FSDP every rank takes part in gathering the full weights, and rank 0 writes the one
     ``model.safetensors``, as after a single-device run; under DDP rank 0 writes its replica.
     DeepSpeed ZeRO stage 3 is refused: convert its checkpoint with Lightning's
     ``convert_zero_checkpoint_to_fp32_state_dict`` instead.
 
     Args:
-        dirpath: the export folder (replaced atomically if it exists).
+        dirpath: the export folder (an earlier export there is replaced atomically).
     """
 
     def __init__(self, dirpath: str) -> None:
         self.dirpath = dirpath
+        self._lock: RunLock | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        run_on_rank_zero(trainer, self._claim_target)
+
+    def _claim_target(self) -> None:
+        check_target(self.dirpath)
+        self._lock = RunLock(self.dirpath, "export folder")
+        self._lock.acquire()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
@@ -41,9 +57,42 @@ class Export(L.Callback):
                 "convert_zero_checkpoint_to_fp32_state_dict and load it into the model before exporting."
             )
         if trainer.is_global_zero:
-            export(model, self.dirpath, tokenizer=tokenizer)
+            try:
+                export(model, self.dirpath, tokenizer=tokenizer)
+            except WriteError as err:
+                raise WriteError(f"{err} {_where_the_weights_are(trainer)}") from None
             log.info("Exported model%s to %s", " and tokenizer" if tokenizer else "", self.dirpath)
         trainer.strategy.barrier("lightningllm_export")
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._release()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+def _where_the_weights_are(trainer: L.Trainer) -> str:
+    """Where the trained weights survive an export that failed; saves them first if no checkpoint holds them."""
+    callback = trainer.checkpoint_callback
+    if callback is None or callback.dirpath is None:
+        return "No checkpoint callback is configured, so the trained weights exist only in this process."
+    saved_step = getattr(callback, "_last_global_step_saved", None)
+    newest = callback.last_model_path or callback.best_model_path
+    if newest and saved_step == trainer.global_step:
+        return f"The trained weights are safe in the checkpoint {newest!r} (step {saved_step})."
+    if trainer.world_size > 1:
+        return f"The newest checkpoint is {newest or 'none'!r} (step {saved_step}); the last steps are not saved."
+    path = Path(callback.dirpath) / f"final-step={trainer.global_step}.ckpt"
+    try:
+        trainer.save_checkpoint(path)
+    except (OSError, LightningLLMError) as err:
+        return f"Saving them as a checkpoint failed too ({err}); the newest checkpoint is {newest or 'none'!r}."
+    return f"The trained weights were saved to the checkpoint {str(path)!r} instead."
 
 
 def _is_fsdp(module: nn.Module | None) -> bool:

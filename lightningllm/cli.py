@@ -21,7 +21,8 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightningllm import registry
-from lightningllm.errors import LightningLLMError
+from lightningllm.checkpoints import NAMED_CHECKPOINTS, CheckpointGuard, check_checkpoint_file, damaged
+from lightningllm.errors import LightningLLMError, write_error
 from lightningllm.estimate.command import estimate_command
 from lightningllm.tasks.span_corruption import decode_with_sentinels
 
@@ -59,6 +60,7 @@ def _unknown_plugin(message: str) -> tuple[str, str] | None:
 
 
 CSV_LOGGER = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}}
+ATOMIC_CHECKPOINTS = {"class_path": "lightningllm.checkpoints.AtomicCheckpointIO"}
 
 
 class LightningLLMCLI(LightningCLI):
@@ -66,6 +68,28 @@ class LightningLLMCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.init_args.model.init_args.vocab_size", apply_on="instantiate")
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="fit: start a new run in checkpoint folders that hold another run's checkpoints, replacing files "
+            "of the same name (without it such a run is refused unless it resumes with --ckpt_path).",
+        )
+
+    def _parse_ckpt_path(self) -> None:
+        """Name a missing, damaged or non-checkpoint ``--ckpt_path`` before Lightning reads its hyperparameters."""
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        if ckpt_path is None or str(ckpt_path) in NAMED_CHECKPOINTS or "://" in str(ckpt_path):
+            return super()._parse_ckpt_path()
+        check_checkpoint_file(ckpt_path)
+        try:
+            super()._parse_ckpt_path()
+        except Exception as err:  # noqa: BLE001 - torch.load raises many types for a damaged file
+            raise damaged(ckpt_path, err) from None
+
+    def before_fit(self) -> None:
+        """Guard the checkpoint folders for the run (see :class:`lightningllm.checkpoints.CheckpointGuard`)."""
+        self.trainer.callbacks.append(CheckpointGuard(overwrite=self.config[self.subcommand].get("overwrite", False)))
 
     def before_instantiate_classes(self) -> None:
         """Under lightningllm's FSDPStrategy, build models on the meta device: FSDP materialises them unit by unit.
@@ -120,7 +144,7 @@ def run_lightning(args: Sequence[str] | None) -> None:
         subclass_mode_data=True,
         parser_class=PluginAwareParser,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"logger": CSV_LOGGER},
+        trainer_defaults={"logger": CSV_LOGGER, "plugins": [ATOMIC_CHECKPOINTS]},
         args=None if args is None else list(args),
     )
 
@@ -137,6 +161,12 @@ def list_plugins(args: Sequence[str]) -> None:
             sys.stdout.write(f"  {name:<24} {summary}  [{registry.source(kind, name)}]\n")
         if not names:
             sys.stdout.write("  (none)\n")
+
+
+TRUST_CODE_HELP = (
+    "Import any class the export's config.yaml names. Without it only lightningllm's classes and registered "
+    "plugins load: an export may come from a stranger."
+)
 
 
 def generate_command(args: Sequence[str]) -> None:
@@ -159,8 +189,9 @@ def generate_command(args: Sequence[str]) -> None:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--prefix_lm", type=bool, default=False, help="Read the prompt bidirectionally (PrefixLM).")
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--trust_code", type=bool, default=False, help=TRUST_CODE_HELP)
     cfg = parser.parse_args(list(args))
-    model, tokenizer = load(cfg.export_dir, device=cfg.device)
+    model, tokenizer = load(cfg.export_dir, device=cfg.device, trust_code=cfg.trust_code)
     if tokenizer is None:
         raise LightningLLMError(f"The export {cfg.export_dir!r} has no tokenizer, so a text prompt cannot be encoded.")
     n = cfg.num_samples
@@ -194,6 +225,7 @@ def convert_command(args: Sequence[str]) -> None:
         default=None,
         help="With --to-hf: the HF model_type to write (default: the first that fits).",
     )
+    parser.add_argument("--trust_code", type=bool, default=False, help=f"With --to-hf: {TRUST_CODE_HELP}")
     cfg = parser.parse_args(list(args))
     if (cfg.from_hf is None) == (cfg.to_hf is None):
         raise LightningLLMError(
@@ -207,7 +239,7 @@ def convert_command(args: Sequence[str]) -> None:
             )
         result = from_hf(cfg.from_hf, cfg.out)
     else:
-        result = to_hf(cfg.to_hf, cfg.out, family=cfg.family)
+        result = to_hf(cfg.to_hf, cfg.out, family=cfg.family, trust_code=cfg.trust_code)
     sys.stdout.write(f"converted {result.family}: {cfg.from_hf or cfg.to_hf} -> {result.path}\n")
     for note in result.notes:
         sys.stdout.write(f"  note: {note}\n")
@@ -257,6 +289,8 @@ def _user_error(err: BaseException | None) -> LightningLLMError | None:
     while err is not None and id(err) not in seen:
         if isinstance(err, LightningLLMError):
             return err
+        if isinstance(err, OSError) and write_error(err) is not None:  # a read-only or full folder Lightning writes
+            return write_error(err)
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
