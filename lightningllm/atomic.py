@@ -4,8 +4,9 @@ A crash or an error part-way leaves the target as it was (absent, or the previou
 checkpoint, export or cache is ever half-written. The names of what a write leaves while it runs are
 fixed so that the next writer or reader can tidy up after a killed one:
 
-- ``.NAME.tmp-PID-XXXX``: a staging folder or file of process PID; removed by the next write of
-  ``NAME`` once PID is no longer running (a live writer's staging is never touched).
+- ``.NAME.tmp-PID-HOST-XXXX``: a staging folder or file of process PID on the host whose name hashes to
+  HOST; removed by the next write of ``NAME`` on that host once PID is no longer running (a live
+  writer's staging is never touched, nor one of another host or container sharing the folder).
 - ``.NAME.old``: the previous version while a folder is swapped. Replacing takes two renames (old
   version aside, new version in); a kill between them leaves ``NAME`` missing and ``.NAME.old``
   complete, so :func:`recover` puts it back; a kill after them leaves both, so it deletes ``.NAME.old``.
@@ -16,9 +17,12 @@ lightningllm wrote: a write never deletes a user's files.
 
 from __future__ import annotations
 
+import functools
 import glob
+import hashlib
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -76,9 +80,14 @@ class FolderRule:
             )
 
 
-def staging_prefix(target: Path) -> str:
-    """The name prefix of this process's staging folders and files for ``target``."""
-    return f".{target.name}.tmp-{os.getpid()}-"
+def staging_prefix(target: Path, pid: int | None = None) -> str:
+    """The name prefix of the staging folders and files for ``target`` of process ``pid`` (None: this one)."""
+    return f".{target.name}.tmp-{os.getpid() if pid is None else pid}-{_host_tag()}-"
+
+
+@functools.cache
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 
 
 def retired_path(target: Path) -> Path:
@@ -170,8 +179,8 @@ def clean_stale_staging(target: Path) -> None:
     """Remove staging folders and files of ``target`` whose writing process is no longer running."""
     prefix = f".{target.name}.tmp-"
     for path in target.parent.glob(f"{glob.escape(prefix)}*"):
-        pid = path.name[len(prefix) :].split("-", 1)[0]
-        if pid.isdigit() and not _running(int(pid)):
+        pid, _, rest = path.name[len(prefix) :].partition("-")
+        if pid.isdigit() and rest.startswith(f"{_host_tag()}-") and not _running(int(pid)):
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
             else:

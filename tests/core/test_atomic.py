@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from lightningllm.atomic import FolderRule, atomic_directory, atomic_file, clean_stale_staging, recover, retired_path
+from lightningllm.atomic import (
+    FolderRule,
+    atomic_directory,
+    atomic_file,
+    clean_stale_staging,
+    recover,
+    retired_path,
+    staging_prefix,
+)
 from lightningllm.errors import WriteError
 
 RULE = FolderRule("test folder", required=frozenset({"x.txt"}), allowed=lambda folder: frozenset({"x.txt", "y.txt"}))
@@ -122,16 +130,18 @@ def test_stale_staging_of_a_dead_process_is_removed_but_a_live_one_is_kept(tmp_p
     dead_pid = int(dead.stdout)
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        stale = tmp_path / f".out.tmp-{dead_pid}-abc"
-        stale_file = tmp_path / f".out.tmp-{dead_pid}-def"
-        running = tmp_path / f".out.tmp-{live.pid}-ghi"
-        other = tmp_path / f".outer.tmp-{dead_pid}-jkl"
-        for folder in (stale, running, other):
+        target = tmp_path / "out"
+        stale = tmp_path / f"{staging_prefix(target, dead_pid)}abc"
+        stale_file = tmp_path / f"{staging_prefix(target, dead_pid)}def"
+        running = tmp_path / f"{staging_prefix(target, live.pid)}ghi"
+        other = tmp_path / f"{staging_prefix(tmp_path / 'outer', dead_pid)}jkl"
+        elsewhere = tmp_path / f".out.tmp-{dead_pid}-0000000x-mno"  # another host's (or container's) writer
+        for folder in (stale, running, other, elsewhere):
             folder.mkdir()
             (folder / "big.bin").write_bytes(b"0" * 100)
         stale_file.write_bytes(b"1")
-        clean_stale_staging(tmp_path / "out")
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, other.name])
+        clean_stale_staging(target)
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, other.name, elsewhere.name])
     finally:
         live.kill()
         live.wait()

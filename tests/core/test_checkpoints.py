@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+from lightningllm.atomic import staging_prefix
 from lightningllm.checkpoints import AtomicCheckpointIO, CheckpointError
 from lightningllm.errors import ExportError, WriteError
 
@@ -34,7 +35,7 @@ def test_a_failure_during_the_write_leaves_the_old_checkpoint_intact(tmp_path, m
 def test_a_kill_during_the_write_leaves_the_old_checkpoint_and_the_next_save_cleans_up(tmp_path, monkeypatch):
     io, target = AtomicCheckpointIO(), tmp_path / "last.ckpt"
     io.save_checkpoint({"global_step": 1}, target)
-    stale = tmp_path / ".last.ckpt.tmp-999999999-abc"  # what a SIGKILLed writer (no such PID) leaves
+    stale = tmp_path / f"{staging_prefix(target, 999_999_999)}abc"  # what a SIGKILLed writer (no such PID) leaves
     stale.write_bytes(b"partial")
     io.save_checkpoint({"global_step": 2}, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]

@@ -292,3 +292,13 @@ def test_code_outside_a_load_is_trusted_as_before(evil_module):
 
     module, witness = evil_module
     assert resolve(f"{module}.Attention", "attention").__name__ == "Attention" and witness.exists()
+
+
+def test_modules_of_registered_plugins_are_trusted_and_others_are_not(monkeypatch):
+    from lightningllm import registry
+    from lightningllm.config import is_trusted_module
+
+    assert is_trusted_module("lightningllm.models.decoder") and is_trusted_module("lightningllm_plugins.ffn.mlp")
+    assert not is_trusted_module("lightningllm_evil") and not is_trusted_module("os")
+    monkeypatch.setitem(registry._sources, ("norm", "ThirdPartyNorm"), "acme_plugins.norms")
+    assert is_trusted_module("acme_plugins.norms") and not is_trusted_module("acme_plugins")
