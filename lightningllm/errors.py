@@ -63,10 +63,14 @@ def write_error(err: OSError, path: object | None = None) -> WriteError | None:
     """One paragraph for a filesystem fault while writing ``path`` (None: ``err`` is no such fault)."""
     if isinstance(err, LightningLLMError) or err.errno not in WRITE_ERRNOS:
         return None
-    where = f"{str(path)!r}" if path is not None else f"{str(err.filename)!r}"
+    where = f"{str(path if path is not None else err.filename)!r}"
+    if path is None and err.filename is None:
+        where = "a file (the system did not say which)"
     inner = err.filename is not None and path is not None and str(err.filename) != str(path)
     detail = f" (at {str(err.filename)!r})" if inner else ""
+    # a permission error caught without its context (path None) may come from a read as well
+    verb = "access" if path is None and err.errno in (errno.EACCES, errno.EPERM) else "write"
     return WriteError(
-        f"Cannot write {where}{detail}: {err.strerror or os.strerror(err.errno)} "
+        f"Cannot {verb} {where}{detail}: {err.strerror or os.strerror(err.errno)} "
         f"[{errno.errorcode[err.errno]}]: {WRITE_ERRNOS[err.errno]}."
     )

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightningllm.errors import ConfigError
+from lightningllm.errors import ConfigError, UnsafeConfigError
 from lightningllm.generation import generate
 from lightningllm.io import export, load
 from lightningllm.models.encoder_decoder import ConditionedDecoder, EncoderDecoder, EncoderStack
@@ -225,7 +225,9 @@ def test_a_custom_encoder_plugs_in_decodes_with_cache_and_round_trips(tmp_path):
     torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
     assert model.encoder.calls == 2 and cache.cross_attention[0].length == 5
     export(model, tmp_path / "export")
-    loaded, _ = load(tmp_path / "export")
+    with pytest.raises(UnsafeConfigError, match="FakePerceiver"):  # a class outside lightningllm and its plugins
+        load(tmp_path / "export")
+    loaded, _ = load(tmp_path / "export", trust_code=True)
     assert isinstance(loaded.encoder, FakePerceiver) and loaded.config == model.config
     torch.testing.assert_close(loaded(src, tgt), full)
 
