@@ -15,6 +15,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from jsonargparse import ArgumentParser
@@ -22,7 +23,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightningllm import registry
 from lightningllm.checkpoints import NAMED_CHECKPOINTS, CheckpointGuard, check_checkpoint_file, damaged
-from lightningllm.errors import LightningLLMError, write_error
+from lightningllm.errors import ConfigError, LightningLLMError, write_error
 from lightningllm.estimate.command import estimate_command
 from lightningllm.tasks.span_corruption import decode_with_sentinels
 
@@ -175,37 +176,124 @@ def generate_command(args: Sequence[str]) -> None:
     A decoder continues the prompt (read as a bidirectional prefix with ``--prefix_lm``); an
     encoder-decoder reads the prompt as its source and writes the target from its start token.
     """
-    from lightningllm.generation import generate
+    from lightningllm.generation import StopStrings, check_sampling, generate
     from lightningllm.io import load
 
-    parser = ArgumentParser(prog="lightningllm generate", description="Sample text from an export folder.")
-    parser.add_argument("export_dir", type=str, help="Folder written by an export.")
-    parser.add_argument("--prompt", type=str, default="", help="Text to continue (the source of an encoder-decoder).")
-    parser.add_argument("--max_new_tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 means greedy.")
-    parser.add_argument("--top_k", type=int | None, default=None)
-    parser.add_argument("--top_p", type=float | None, default=None)
-    parser.add_argument("--num_samples", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--prefix_lm", type=bool, default=False, help="Read the prompt bidirectionally (PrefixLM).")
-    parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--trust_code", type=bool, default=False, help=TRUST_CODE_HELP)
-    cfg = parser.parse_args(list(args))
-    model, tokenizer = load(cfg.export_dir, device=cfg.device, trust_code=cfg.trust_code)
+    cfg = _generate_parser().parse_args(list(args))
+    _check_generate_options(cfg)
+    check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
+    device = _available_device(cfg.device)
+    model, tokenizer = load(cfg.export_dir, device=str(device), trust_code=cfg.trust_code)
     if tokenizer is None:
         raise LightningLLMError(f"The export {cfg.export_dir!r} has no tokenizer, so a text prompt cannot be encoded.")
+    if not getattr(model, "causal", True):
+        raise LightningLLMError(
+            f"The export {cfg.export_dir!r} holds an encoder-only model ({type(model).__name__}), which cannot "
+            "generate: it reads the whole text at once (every token sees the later ones), so it predicts masked "
+            "tokens rather than the next one. Use it with its own task instead (MaskedLM: `lightningllm predict` "
+            "fills in masked tokens), or generate from a Decoder (CausalLM, PrefixLM) or EncoderDecoder "
+            "(SpanCorruption) export."
+        )
+    decode = partial(decode_with_sentinels, tokenizer)
+    prompt = _encode_prompt(tokenizer, cfg.prompt)
     n = cfg.num_samples
     if hasattr(model, "decoder_for"):  # encoder-decoder: the prompt is the source, the target starts fresh
-        source = torch.tensor([tokenizer.encode(cfg.prompt) + [tokenizer.eos_id]] * n, device=cfg.device)
-        model, ids, echo = model.decoder_for(source), torch.full((n, 1), model.decoder_start_id, device=cfg.device), ""
+        source = torch.tensor([prompt + [tokenizer.eos_id]] * n, device=device)
+        model, ids, echo = model.decoder_for(source), torch.full((n, 1), model.decoder_start_id, device=device), ""
+        vocab_limit = None  # ids past the tokenizer's are T5's sentinels, which this model is meant to write
     else:
-        ids, echo = torch.tensor([[tokenizer.bos_id] + tokenizer.encode(cfg.prompt)] * n, device=cfg.device), cfg.prompt
-    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
-    out = generate(model, ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                   eos_id=tokenizer.eos_id, generator=generator, prefix_lm=cfg.prefix_lm)  # fmt: skip
-    for row in out.tolist():
-        new = [t for t in row[ids.shape[1] :] if t != tokenizer.eos_id]
-        sys.stdout.write(echo + decode_with_sentinels(tokenizer, new) + "\n")
+        ids, echo = torch.tensor([[tokenizer.bos_id] + prompt] * n, device=device), cfg.prompt
+        vocab_limit = tokenizer.vocab_size  # a larger model vocabulary has ids no text stands for
+    stop = StopStrings([_unescape(s) for s in cfg.stop], decode) if cfg.stop else None
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    out = generate(
+        model, ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+        eos_id=tokenizer.eos_id, stop=stop, vocab_limit=vocab_limit, generator=generator, prefix_lm=cfg.prefix_lm,
+        return_logprobs=True,
+    )  # fmt: skip
+    for row in out.completions():
+        text = decode([t for t in row if t != tokenizer.eos_id])
+        sys.stdout.write(echo + (stop.cut(text) if stop else text) + "\n")
+
+
+def _generate_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="lightningllm generate",
+        description="Sample text from an export folder: a decoder continues the prompt, an encoder-decoder "
+        "writes the target for it. Each sample is printed on its own line.",
+    )
+    parser.add_argument("export_dir", type=str, help="Folder written by an export (config.yaml, model.safetensors).")
+    parser.add_argument("--prompt", type=str, default="", help="Text to continue (the source of an encoder-decoder).")
+    parser.add_argument("--max_new_tokens", type=int, default=200, help="The most tokens to add to each sample.")
+    parser.add_argument("--temperature", type=float, default=0.8, help="Divides the logits; 0 means greedy.")
+    parser.add_argument("--top_k", type=int | None, default=None, help="Sample among the k most likely tokens only.")
+    parser.add_argument(
+        "--top_p", type=float | None, default=None,
+        help="Sample among the smallest set of tokens whose probability reaches p (nucleus sampling), in (0, 1].",
+    )  # fmt: skip
+    parser.add_argument("--num_samples", type=int, default=1, help="How many samples to draw from the prompt.")
+    parser.add_argument("--seed", type=int, default=1234, help="Seed of the sampling generator.")
+    parser.add_argument(
+        "--stop", action="append", type=str, default=None,
+        help="Stop a sample once its text contains this string (repeat for several; \\n and \\t are "
+        "read as newline and tab). The string is kept, what follows is cut.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--prefix_lm", type=bool, default=False,
+        help="Read the prompt bidirectionally, as a model trained by the PrefixLM task does.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
+        help="Where to run: cpu, cuda, cuda:N or mps (default: cuda when available).",
+    )  # fmt: skip
+    parser.add_argument("--trust_code", type=bool, default=False, help=TRUST_CODE_HELP)
+    return parser
+
+
+def _check_generate_options(cfg) -> None:
+    if cfg.num_samples < 1:
+        raise ConfigError(f"--num_samples={cfg.num_samples} must be a positive number of samples to print.")
+    if cfg.max_new_tokens < 0:
+        raise ConfigError(f"--max_new_tokens={cfg.max_new_tokens} must be zero or more tokens to add.")
+    if cfg.stop is not None and not all(cfg.stop):
+        raise ConfigError("--stop needs a non-empty string: an empty one would stop every sample at once.")
+
+
+def _available_device(name: str) -> torch.device:
+    """``torch.device(name)`` after checking this machine has it (a :class:`ConfigError` otherwise)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(
+            f"--device={name!r} is not a device name. Use cpu, cuda, cuda:N (N a GPU index) or mps."
+        ) from None
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"--device={name!r} is not available on this machine ({reason}). Use --device cpu, or a device "
+            "this machine has."
+        ) from None
+    return device
+
+
+def _encode_prompt(tokenizer, text: str) -> list[int]:
+    """``tokenizer.encode(text)``, warning once when characters of it are not in the vocabulary."""
+    ids = tokenizer.encode(text)
+    if tokenizer.unk_id in ids:
+        unknown = sorted({char for char in text if tokenizer.encode(char) == [tokenizer.unk_id]})
+        shown = ", ".join(repr(char) for char in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+        log.warning(
+            "%d token(s) of the prompt are not in the tokenizer's vocabulary and became <unk> (characters: %s); "
+            "the model reads them as unknown.", ids.count(tokenizer.unk_id), shown or "none found alone",
+        )  # fmt: skip
+    return ids
+
+
+def _unescape(text: str) -> str:
+    """``\\n``, ``\\t`` and ``\\\\`` typed on a command line as newline, tab and backslash."""
+    return re.sub(r"\\\\|\\n|\\t", lambda m: {"\\\\": "\\", "\\n": "\n", "\\t": "\t"}[m.group()], text)
 
 
 def convert_command(args: Sequence[str]) -> None:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lightningllm.errors import ConfigError
-from lightningllm.generation import generate, sample_next
+from lightningllm.generation import filter_logits, generate, sample_next
 
 
 def naive_greedy(model, ids, n):
@@ -79,6 +79,66 @@ def test_temperature_sampling_matches_softmax_frequencies():
     draws = torch.stack([sample_next(logits.expand(1000, 3), temperature=2.0, generator=gen) for _ in range(10)])
     freq = torch.bincount(draws.flatten(), minlength=3).float() / draws.numel()
     assert torch.allclose(freq, (logits[0] / 2.0).softmax(-1), atol=0.02)
+
+
+def naive_distribution(logits, temperature=1.0, top_k=None, top_p=None):
+    """One row of logits -> the sampling probabilities, by the definitions, in plain Python (float64)."""
+    import math
+
+    scaled = [x / temperature for x in logits]  # temperature first
+    order = sorted(range(len(scaled)), key=lambda i: -scaled[i])
+    kept = order[:top_k] if top_k is not None else order
+    if top_p is not None:
+        z = sum(math.exp(scaled[i]) for i in kept)
+        nucleus, mass = [], 0.0
+        for i in kept:  # most likely first, until the mass of the kept ones reaches p
+            if mass >= top_p:
+                break
+            nucleus.append(i)
+            mass += math.exp(scaled[i]) / z
+        kept = nucleus
+    z = sum(math.exp(scaled[i]) for i in kept)
+    return [math.exp(scaled[i]) / z if i in kept else 0.0 for i in range(len(scaled))]
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p",
+    [(1.0, None, None), (0.5, 3, None), (2.0, None, 0.6), (0.7, 5, 0.8), (1.3, 2, 0.95), (0.4, None, 0.9)],
+)
+def test_filter_logits_keeps_the_naive_set_with_the_naive_probabilities(temperature, top_k, top_p):
+    logits = torch.randn(6, 8, generator=torch.Generator().manual_seed(0)) * 2
+    probs = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p).softmax(-1)
+    for row, mine in zip(logits.tolist(), probs):
+        expected = torch.tensor(naive_distribution(row, temperature, top_k, top_p), dtype=torch.float32)
+        assert torch.equal(mine > 0, expected > 0)  # the same kept set
+        torch.testing.assert_close(mine, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_temperature_applies_before_top_p():
+    # at temperature 1 the probabilities are 0.7, 0.2, 0.1 and top_p=0.75 keeps {0, 1}; at temperature 0.5
+    # they are 0.91, 0.07, 0.02, so 0 alone reaches 0.75: filtering before the temperature would keep 1 too
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
+    assert naive_distribution(logits[0].tolist(), 0.5, None, 0.75)[1] == 0.0
+    gen = torch.Generator().manual_seed(0)
+    draws = sample_next(logits.expand(2000, 3), temperature=0.5, top_p=0.75, generator=gen)
+    assert set(draws.tolist()) == {0}
+    assert set(sample_next(logits.expand(2000, 3), top_p=0.75, generator=gen).tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.6, 4, None), (1.8, None, 0.7),
+                                                       (0.9, 4, 0.85)])  # fmt: skip
+def test_sampling_frequencies_fit_the_closed_form_distribution(temperature, top_k, top_p):
+    """Pearson's chi-square over 20,000 draws from a 5-token vocabulary, against the naive distribution."""
+    logits = torch.tensor([[1.2, 0.3, -0.4, 0.8, -1.5]])
+    expected = torch.tensor(naive_distribution(logits[0].tolist(), temperature, top_k, top_p), dtype=torch.float64)
+    n = 20_000
+    draws = sample_next(logits.expand(n, 5), temperature=temperature, top_k=top_k, top_p=top_p,
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    counts = torch.bincount(draws, minlength=5).double()
+    kept = expected > 0
+    assert (counts[~kept] == 0).all()  # never an excluded token
+    chi2 = ((counts[kept] - n * expected[kept]) ** 2 / (n * expected[kept])).sum().item()
+    assert chi2 < 20.0, chi2  # the 0.9995 quantile of chi-square with 4 degrees of freedom is 20.0
 
 
 def test_greedy_is_argmax():
