@@ -52,8 +52,12 @@ def test_batched_uneven_prompts_equal_row_by_row(decoder_factory, position, leng
 
 @pytest.mark.parametrize(
     "attention",
-    [partial(get("attention", "SlidingWindowAttention"), window=4), get("attention", "MultiHeadLatentAttention")],
-    ids=["SlidingWindowAttention", "MultiHeadLatentAttention"],
+    [
+        partial(get("attention", "SlidingWindowAttention"), window=4),
+        get("attention", "MultiHeadLatentAttention"),
+        get("attention", "LinearAttention"),
+    ],
+    ids=["SlidingWindowAttention", "MultiHeadLatentAttention", "LinearAttention"],
 )
 def test_batched_equals_row_by_row_with_other_attention(decoder_factory, attention):
     torch.manual_seed(0)
