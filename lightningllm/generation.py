@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -210,60 +211,48 @@ def generate(
     criteria = _stop_criteria(stop)
     fill = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
     prompts, prompt_real = _left_padded(input_ids, attention_mask, fill)  # (B, P) each
-    B, P = prompts.shape
+    P = prompts.shape[1]
     window = min(getattr(model, "max_seq_len", P + max_new_tokens), P + max_new_tokens)
-    state = _Rows(model, prompts, prompt_real, window, prefix_lm)
     was_training = model.training
     model.eval()
     try:
-        new, logprobs, masks = _decode(
-            state, max_new_tokens, criteria, eos_id, fill, vocab_limit,
-            lambda logits: sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator),
-        )  # fmt: skip
+        rows = _Rows(model, prompts, prompt_real, max_new_tokens, window, prefix_lm)
+        choose = partial(sample_next, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        logprobs, mask = _decode(rows, criteria, eos_id if eos_id is not None else fill, eos_id, vocab_limit, choose)
     finally:
         model.train(was_training)
-    tokens = torch.cat([prompts, *new], dim=1)
-    if not return_logprobs:
-        return tokens
-    empty = prompts.new_zeros(B, 0)
-    logprobs = torch.cat(logprobs, dim=1) if logprobs else empty.float()
-    return Generation(tokens, logprobs, torch.cat(masks, dim=1) if masks else empty.bool(), prompt_real)
+    tokens = rows.tokens[:, : rows.width].contiguous()
+    return Generation(tokens, logprobs, mask, prompt_real) if return_logprobs else tokens
 
 
 def _decode(
-    state: _Rows,
-    max_new_tokens: int,
+    rows: _Rows,
     criteria: list[StopCriterion],
+    finished_fill: int,
     eos_id: int | None,
-    fill: int,
     vocab_limit: int | None,
     choose: Callable[[Tensor], Tensor],
-) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    """The decoding loop: new tokens, their log-probabilities and live masks, each a list of (B, 1)."""
-    B, device = state.tokens.shape[0], state.tokens.device
-    new, logprobs, masks = [], [], []
+) -> tuple[Tensor, Tensor]:
+    """The decoding loop, appending to ``rows`` -> log-probabilities (B, n) and live mask (B, n)."""
+    B, P, device = rows.tokens.shape[0], rows.prompt_len, rows.tokens.device
+    logprobs, masks = [], []
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    if max_new_tokens == 0:
-        return new, logprobs, masks
-    logits = state.encode()  # (B, V)
-    for step in range(max_new_tokens):
+    for step in range(rows.tokens.shape[1] - P):
+        logits = rows.encode() if step == 0 else rows.next_logits()  # (B, V)
         allowed = logits if vocab_limit is None else logits.index_fill(-1, _tail(logits, vocab_limit), float("-inf"))
-        token = choose(allowed)
-        live = ~done
-        token = token.masked_fill(done, eos_id if eos_id is not None else fill)
+        token = choose(allowed).masked_fill(done, finished_fill)  # (B,)
         logprobs.append(logits.float().log_softmax(-1).gather(-1, token[:, None]).masked_fill(done[:, None], 0.0))
-        new.append(token[:, None])
-        masks.append(live[:, None])
+        masks.append(~done[:, None])
+        rows.append(token)
         finished = token == eos_id if eos_id is not None else torch.zeros_like(done)
-        if criteria:
-            generated = torch.cat(new, dim=1)  # (B, step + 1)
-            for criterion in criteria:
-                finished |= criterion(generated).to(device=device, dtype=torch.bool)
-        done |= finished & live
-        if bool(done.all()) or step == max_new_tokens - 1:
+        for criterion in criteria:
+            finished |= criterion(rows.tokens[:, P : rows.width]).to(device=device, dtype=torch.bool)
+        done |= finished
+        if bool(done.all()):
             break
-        logits = state.step(token)
-    return new, logprobs, masks
+    if not masks:
+        return torch.zeros(B, 0, device=device), torch.zeros(B, 0, dtype=torch.bool, device=device)
+    return torch.cat(logprobs, dim=1), torch.cat(masks, dim=1)
 
 
 def _tail(logits: Tensor, start: int) -> Tensor:
@@ -286,10 +275,13 @@ class _Rows:
         prefix_lm: the prompt tokens in view are a bidirectional prefix.
     """
 
-    def __init__(self, model: nn.Module, prompts: Tensor, prompt_real: Tensor, window: int, prefix_lm: bool) -> None:
+    def __init__(
+        self, model: nn.Module, prompts: Tensor, prompt_real: Tensor, max_new_tokens: int, window: int, prefix_lm: bool
+    ) -> None:
         self.model, self.window, self.prefix_lm = model, window, prefix_lm
-        self.tokens = prompts  # (B, W): grows by one column per step
-        self.prompt_len = prompts.shape[1]
+        B, self.prompt_len = prompts.shape
+        self.tokens = torch.cat([prompts, prompts.new_zeros(B, max_new_tokens)], dim=1)  # (B, P + max_new_tokens)
+        self.width = self.prompt_len  # the columns filled so far
         self.real_start = prompt_real.shape[1] - prompt_real.sum(dim=1)  # (B,)
         if bool((self.real_start >= self.prompt_len).any()):
             raise ConfigError("Every prompt needs at least one token; an empty prompt has nothing to continue from.")
@@ -302,38 +294,43 @@ class _Rows:
             )  # fmt: skip
         self.cache = model.make_cache(prompts.shape[0], window)
         self.cache_start = 0  # buffer column of the first cache slot
+        self.uniform = True  # every row's window starts at cache_start: no padding in view, default positions
 
     def encode(self) -> Tensor:
         """Encode every row's window from position 0 into an emptied cache -> last logits (B, V)."""
         for layer_cache in self.cache:
             layer_cache.reset()
-        W = self.tokens.shape[1]
+        W = self.width
         self.cache_start = int(self.first.min())
-        self.uniform = bool((self.first == self.cache_start).all())  # no padding in view: default positions
-        columns = torch.arange(self.cache_start, W, device=self.tokens.device)  # (L,)
+        self.uniform = bool((self.first == self.cache_start).all())
         n_prompt = (self.prompt_len - self.first).clamp(min=0) if self.prefix_lm else None  # (B,)
         if n_prompt is not None and bool((n_prompt <= 1).all()):
             n_prompt = None  # a prefix of one token or none is plain causal attention: keep its fast path
-        return self._forward(self.tokens[:, self.cache_start :], columns, n_prompt)
+        return self._forward(self.tokens[:, self.cache_start : W], W, n_prompt)
 
-    def step(self, token: Tensor) -> Tensor:
-        """Append ``token`` (B,) to every row and feed it -> logits (B, V); slide full windows first."""
-        self.tokens = torch.cat([self.tokens, token[:, None]], dim=1)
-        W = self.tokens.shape[1]
+    def append(self, token: Tensor) -> None:
+        """Write ``token`` (B,) as every row's next token."""
+        self.tokens[:, self.width] = token
+        self.width += 1
+
+    def next_logits(self) -> Tensor:
+        """Feed the last appended token -> logits (B, V); slide full windows first."""
+        W = self.width
         if W - 1 - self.cache_start < self.window:
-            return self._forward(token[:, None], torch.arange(W - 1, W, device=token.device), None)
+            return self._forward(self.tokens[:, W - 1 : W], W, None)
         # the cache is full: the rows whose window overflows keep their newest half, every row is encoded again
         overflow = W - self.first > self.window
         self.first = torch.where(overflow, torch.full_like(self.first, W - (self.window // 2 or 1)), self.first)
         return self.encode()
 
-    def _forward(self, ids: Tensor, columns: Tensor, n_prompt: Tensor | None) -> Tensor:
-        """ids (B, T) at buffer ``columns`` (T,) -> logits of the last column, (B, V)."""
+    def _forward(self, ids: Tensor, end: int, n_prompt: Tensor | None) -> Tensor:
+        """ids (B, T), the buffer's columns ``end - T .. end - 1`` -> logits of the last one, (B, V)."""
         if self.uniform and n_prompt is None:
             return self.model(ids, cache=self.cache)[:, -1]
         if self.uniform:
             return self.model(ids, cache=self.cache, mask=AttentionMask(causal=True, prefix_lengths=n_prompt))[:, -1]
-        keys = torch.arange(self.cache_start, int(columns[-1]) + 1, device=ids.device)  # (S,) cached and new
+        keys = torch.arange(self.cache_start, end, device=ids.device)  # (S,) cached and new
+        columns = keys[-ids.shape[1] :]  # (T,)
         padding = keys[None] >= self.first[:, None]  # (B, S)
         positions = (columns[None] - self.first[:, None]).clamp(min=0)  # (B, T); padding sits at 0, masked
         ids = ids.masked_fill(columns[None] < self.first[:, None], 0) if ids.shape[1] > 1 else ids
