@@ -186,24 +186,9 @@ def generate_command(args: Sequence[str]) -> None:
     model, tokenizer = load(cfg.export_dir, device=str(device), trust_code=cfg.trust_code)
     if tokenizer is None:
         raise LightningLLMError(f"The export {cfg.export_dir!r} has no tokenizer, so a text prompt cannot be encoded.")
-    if not getattr(model, "causal", True):
-        raise LightningLLMError(
-            f"The export {cfg.export_dir!r} holds an encoder-only model ({type(model).__name__}), which cannot "
-            "generate: it reads the whole text at once (every token sees the later ones), so it predicts masked "
-            "tokens rather than the next one. Use it with its own task instead (MaskedLM: `lightningllm predict` "
-            "fills in masked tokens), or generate from a Decoder (CausalLM, PrefixLM) or EncoderDecoder "
-            "(SpanCorruption) export."
-        )
+    _refuse_encoder(model, cfg.export_dir)
     decode = partial(decode_with_sentinels, tokenizer)
-    prompt = _encode_prompt(tokenizer, cfg.prompt)
-    n = cfg.num_samples
-    if hasattr(model, "decoder_for"):  # encoder-decoder: the prompt is the source, the target starts fresh
-        source = torch.tensor([prompt + [tokenizer.eos_id]] * n, device=device)
-        model, ids, echo = model.decoder_for(source), torch.full((n, 1), model.decoder_start_id, device=device), ""
-        vocab_limit = None  # ids past the tokenizer's are T5's sentinels, which this model is meant to write
-    else:
-        ids, echo = torch.tensor([[tokenizer.bos_id] + prompt] * n, device=device), cfg.prompt
-        vocab_limit = tokenizer.vocab_size  # a larger model vocabulary has ids no text stands for
+    model, ids, echo, vocab_limit = _generation_inputs(model, tokenizer, cfg.prompt, cfg.num_samples, device)
     stop = StopStrings([_unescape(s) for s in cfg.stop], decode) if cfg.stop else None
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     out = generate(
@@ -214,6 +199,30 @@ def generate_command(args: Sequence[str]) -> None:
     for row in out.completions():
         text = decode([t for t in row if t != tokenizer.eos_id])
         sys.stdout.write(echo + (stop.cut(text) if stop else text) + "\n")
+
+
+def _refuse_encoder(model: torch.nn.Module, export_dir: str) -> None:
+    if not getattr(model, "causal", True):
+        raise LightningLLMError(
+            f"The export {export_dir!r} holds an encoder-only model ({type(model).__name__}), which cannot "
+            "generate: it reads the whole text at once (every token sees the later ones), so it predicts masked "
+            "tokens rather than the next one. Use it with its own task instead (MaskedLM: `lightningllm predict` "
+            "fills in masked tokens), or generate from a Decoder (CausalLM, PrefixLM) or EncoderDecoder "
+            "(SpanCorruption) export."
+        )
+
+
+def _generation_inputs(
+    model: torch.nn.Module, tokenizer, prompt: str, n: int, device: torch.device
+) -> tuple[torch.nn.Module, torch.Tensor, str, int | None]:
+    """(what generates, its (n, T) start ids, the text to print before each sample, the vocab_limit)."""
+    ids = _encode_prompt(tokenizer, prompt)
+    if hasattr(model, "decoder_for"):  # encoder-decoder: the prompt is the source, the target starts fresh
+        source = torch.tensor([ids + [tokenizer.eos_id]] * n, device=device)
+        start = torch.full((n, 1), model.decoder_start_id, device=device)
+        return model.decoder_for(source), start, "", None  # ids past the tokenizer's are sentinels, meant for T5
+    # a model vocabulary larger than the tokenizer's has ids no text stands for: never sample them
+    return model, torch.tensor([[tokenizer.bos_id] + ids] * n, device=device), prompt, tokenizer.vocab_size
 
 
 def _generate_parser() -> ArgumentParser:
