@@ -24,6 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightningllm import registry
 from lightningllm.checkpoints import NAMED_CHECKPOINTS, CheckpointGuard, check_checkpoint_file, damaged
+from lightningllm.checks import check_int, check_number
 from lightningllm.errors import ConfigError, LightningLLMError, write_error
 from lightningllm.estimate.command import SUMMARY as ESTIMATE_SUMMARY
 from lightningllm.estimate.command import estimate_command
@@ -155,6 +156,7 @@ class LightningLLMCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         """The Trainer; an option it refuses (devices=0, an unknown accelerator, no GPU) is a user error."""
+        check_trainer_options({**self._get(self.config_init, "trainer", default={}), **kwargs})
         try:
             return super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as err:
@@ -164,6 +166,24 @@ class LightningLLMCLI(LightningCLI):
 
 
 VOCAB_SIZE_KEY = "model.init_args.model.init_args.vocab_size"
+
+
+def check_trainer_options(trainer: dict) -> None:
+    """The Trainer options Lightning takes unchecked (a zero divides, a negative clip flips the gradients)."""
+    if trainer.get("accumulate_grad_batches") is not None:
+        check_int("Trainer", "accumulate_grad_batches", trainer["accumulate_grad_batches"], minimum=1)
+    if trainer.get("gradient_clip_val") is not None:
+        check_number("Trainer", "gradient_clip_val", trainer["gradient_clip_val"], 0.0, extra="(or null: no clipping)")
+    interval = trainer.get("val_check_interval")
+    if isinstance(interval, float) and not 0.0 < interval <= 1.0:
+        raise ConfigError(
+            f"Trainer val_check_interval={interval!r} is not allowed: give a fraction of an epoch in (0, 1] or a "
+            "whole number of training batches (an integer >= 1)."
+        )
+    if interval is not None and not isinstance(interval, float):
+        check_int("Trainer", "val_check_interval", interval, minimum=1, extra="(training batches between validations)")
+    if trainer.get("log_every_n_steps") is not None:
+        check_int("Trainer", "log_every_n_steps", trainer["log_every_n_steps"], minimum=1)
 
 
 def _get_key(config, dotted: str):

@@ -23,6 +23,7 @@ _REQUIRED = re.compile(r"the following arguments are required: (.*)")
 _EXPECTED = re.compile(r"Expected an? (.+?)(?:\. Got value:.*)?\s*$")
 _NO_MODULE = re.compile(r"(No module named '[^']+'|has no attribute '[^']+')")
 _NOT_ACCESSIBLE = re.compile(r"Expected a path but (.+?) either not accessible or invalid")
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
 _UNINFORMATIVE = ("NoneType", "dot import path string", "path but")
 
 
@@ -36,7 +37,11 @@ class ShortErrors(ArgumentParser):
         prog = parser.prog.replace(" [options]", "")
         required = _REQUIRED.fullmatch(message.strip())
         if required:
-            names = [_option_name(parser, name.strip()) for name in required.group(1).split(",")]
+            dests = [name.strip() for name in required.group(1).split(",")]
+            subcommand = dests[0].split(".", 1)[0]
+            if "." in dests[0] and subcommand in SUBCOMMANDS and not prog.endswith(subcommand):
+                prog = f"{prog} {subcommand}"
+            names = [_option_name(parser, dest) for dest in dests]
             message = f"missing required option(s): {', '.join(names)}"
         sys.stderr.write(f"error: {short_message(message)} Run `{prog} --help` for the options.\n")
         self.exit(2)
@@ -67,7 +72,7 @@ def short_message(message: str) -> str:
 
 def _option_name(parser: ArgumentParser, dest: str) -> str:
     """``--out`` for the dest ``out`` (``--model`` for ``fit.model``); a positional argument keeps its name."""
-    tail = dest.split(".", 1)[1] if dest.split(".", 1)[0] in ("fit", "validate", "test", "predict") else dest
+    tail = dest.split(".", 1)[1] if dest.split(".", 1)[0] in SUBCOMMANDS else dest
     for action in getattr(parser, "_actions", []):
         if action.dest in (dest, tail) and action.option_strings:
             return action.option_strings[-1]

@@ -15,6 +15,8 @@ KNOWN_OPEN = {  # owned by other helpers' work in progress; remove an id once it
     "generate-empty-weights",  # damaged exports: safe loading in io.py
     "generate-bad-config",
     "generate-unknown-flag",  # generate's own parser
+    "validate-missing-ckpt",  # missing or damaged checkpoints
+    "norm-eps-negative",  # a plugin's own knob, unchecked by LayerNorm
 }
 
 

@@ -115,3 +115,24 @@ def test_validate_warns_when_the_checkpoint_replaces_command_line_model_options(
     (message,) = [r.getMessage() for r in caplog.records if "--ckpt_path" in r.getMessage()]
     assert "model.model.dim: 64 -> 32" in message and "model.model.n_heads: 8 -> 4" in message
     assert "warmup_steps" not in message  # the same value on both sides is not reported
+
+
+def test_the_console_script_prints_one_line_and_exits_2(tmp_path):
+    """The real process: the one line on stderr, nothing on stdout, exit 2 (in-process tests cannot see sys.exit's code
+    reach the shell)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), str(root / "plugins"), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "lightningllm.cli", "estimate", "--config", str(tmp_path / "missing.yaml")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: --config {str(tmp_path / 'missing.yaml')!r}: no such file.")
