@@ -16,22 +16,28 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
+from importlib.util import find_spec
 
 import torch
 from jsonargparse import ArgumentParser
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightningllm import registry
 from lightningllm.checkpoints import NAMED_CHECKPOINTS, CheckpointGuard, check_checkpoint_file, damaged
+from lightningllm.checks import check_int, check_number
 from lightningllm.errors import ConfigError, LightningLLMError, write_error
+from lightningllm.estimate.command import SUMMARY as ESTIMATE_SUMMARY
 from lightningllm.estimate.command import estimate_command
+from lightningllm.parse_errors import ShortErrors
 from lightningllm.tasks.span_corruption import decode_with_sentinels
 
 log = logging.getLogger("lightningllm")
 
 
-class PluginAwareParser(LightningArgumentParser):
-    """Replaces jsonargparse's nested report of an unknown plugin class by one paragraph listing the registered ones."""
+class PluginAwareParser(LightningArgumentParser, ShortErrors):
+    """Replaces jsonargparse's nested report of an unknown plugin class by one paragraph listing the registered ones;
+    other errors are reduced to one line (:class:`~lightningllm.parse_errors.ShortErrors`)."""
 
     def error(self, message: str, ex: Exception | None = None):
         unknown = _unknown_plugin(message)
@@ -67,8 +73,14 @@ ATOMIC_CHECKPOINTS = {"class_path": "lightningllm.checkpoints.AtomicCheckpointIO
 class LightningLLMCLI(LightningCLI):
     """LightningCLI that links facts of the data to the model, so they are written once."""
 
+    explicit_vocab_size: int | None = None
+    #: whether the run needs the packages its classes need (estimate builds no Trainer, so it does not)
+    needs_optional_dependencies: bool = True
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.vocab_size", "model.init_args.model.init_args.vocab_size", apply_on="instantiate")
+        parser.link_arguments(
+            "data.vocab_size", VOCAB_SIZE_KEY, compute_fn=self.model_vocab_size, apply_on="instantiate"
+        )
         parser.add_argument(
             "--overwrite",
             type=bool,
@@ -77,8 +89,39 @@ class LightningLLMCLI(LightningCLI):
             "of the same name (without it such a run is refused unless it resumes with --ckpt_path).",
         )
 
+    def model_vocab_size(self, tokenizer_size: int) -> int:
+        """The model's vocabulary size: the tokenizer's; an explicit smaller one is refused, a larger one announced."""
+        explicit = self.explicit_vocab_size
+        if explicit is not None and explicit < tokenizer_size:
+            raise ConfigError(
+                f"--model.model.vocab_size={explicit} is smaller than the tokenizer's {tokenizer_size} tokens, so "
+                "some token ids would have no embedding. Leave vocab_size out (the model takes the tokenizer's size) "
+                "or cap the tokenizer instead (--data.tokenizer.init_args.vocab_size)."
+            )
+        if explicit is not None and explicit != tokenizer_size:
+            log.warning(
+                "--model.model.vocab_size=%d is replaced by the tokenizer's size, %d: the model's vocabulary always "
+                "follows its tokenizer's (leave vocab_size out to silence this).", explicit, tokenizer_size,
+            )  # fmt: skip
+        return tokenizer_size
+
     def _parse_ckpt_path(self) -> None:
-        """Name a missing, damaged or non-checkpoint ``--ckpt_path`` before Lightning reads its hyperparameters."""
+        """Name a missing, damaged or non-checkpoint ``--ckpt_path`` before Lightning reads its hyperparameters.
+
+        Lightning then replaces the model options by the checkpoint's: warn, naming every option that changes.
+        """
+        before = _model_options(self.config)
+        self._read_ckpt_hyperparameters()
+        after = _model_options(self.config)
+        changed = [f"{key}: {before[key]!r} -> {after[key]!r}" for key in before
+                   if key in after and before[key] is not None and before[key] != after[key]]  # fmt: skip
+        if changed:
+            log.warning(
+                "--ckpt_path: the checkpoint's model options replace these ones of the config and command line: %s.",
+                "; ".join(changed),
+            )
+
+    def _read_ckpt_hyperparameters(self) -> None:
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
         if ckpt_path is None or str(ckpt_path) in NAMED_CHECKPOINTS or "://" in str(ckpt_path):
             return super()._parse_ckpt_path()
@@ -93,19 +136,127 @@ class LightningLLMCLI(LightningCLI):
         self.trainer.callbacks.append(CheckpointGuard(overwrite=self.config[self.subcommand].get("overwrite", False)))
 
     def before_instantiate_classes(self) -> None:
-        """Under lightningllm's FSDPStrategy, build models on the meta device: FSDP materialises them unit by unit.
+        """Check the optional dependencies the config needs, note an explicit vocab_size, and build on meta for FSDP.
 
-        Only the networks (our model classes) are built there; the task's metrics, the data and the
-        Trainer are built as usual. The strategy gives each unit real storage and our initialisation as
-        it shards it, so no process ever holds the whole model.
+        Under lightningllm's FSDPStrategy, models are built on the meta device: FSDP materialises them unit
+        by unit. Only the networks (our model classes) are built there; the task's metrics, the data and
+        the Trainer are built as usual. The strategy gives each unit real storage and our initialisation
+        as it shards it, so no process ever holds the whole model.
         """
-        if _builds_on_meta(self.config[self.subcommand] if self.subcommand else self.config):
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.needs_optional_dependencies:
+            check_optional_dependencies(config)
+        self.explicit_vocab_size = _get_key(config, VOCAB_SIZE_KEY)
+        if _builds_on_meta(config):
             from lightningllm.models import EncoderDecoder
             from lightningllm.models.base import TransformerStack
 
             parser = self._subcommand_parsers[self.subcommand] if self.subcommand else self.parser
             for model_class in (TransformerStack, EncoderDecoder):
                 parser.add_instantiator(_on_meta, model_class)
+
+    def instantiate_trainer(self, **kwargs):
+        """The Trainer; an option it refuses (devices=0, an unknown accelerator, no GPU) is a user error."""
+        check_trainer_options({**self._get(self.config_init, "trainer", default={}), **kwargs})
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as err:
+            if _user_error(err) is not None:
+                raise
+            raise ConfigError(f"The Trainer refuses its options: {_one_line(err)}") from err
+
+
+VOCAB_SIZE_KEY = "model.init_args.model.init_args.vocab_size"
+
+
+def check_trainer_options(trainer: dict) -> None:
+    """The Trainer options Lightning takes unchecked (a zero divides, a negative clip flips the gradients)."""
+    if trainer.get("accumulate_grad_batches") is not None:
+        check_int("Trainer", "accumulate_grad_batches", trainer["accumulate_grad_batches"], minimum=1)
+    if trainer.get("gradient_clip_val") is not None:
+        check_number("Trainer", "gradient_clip_val", trainer["gradient_clip_val"], 0.0, extra="(or null: no clipping)")
+    interval = trainer.get("val_check_interval")
+    if isinstance(interval, float) and not 0.0 < interval <= 1.0:
+        raise ConfigError(
+            f"Trainer val_check_interval={interval!r} is not allowed: give a fraction of an epoch in (0, 1] or a "
+            "whole number of training batches (an integer >= 1)."
+        )
+    if interval is not None and not isinstance(interval, float):
+        check_int("Trainer", "val_check_interval", interval, minimum=1, extra="(training batches between validations)")
+    if trainer.get("log_every_n_steps") is not None:
+        check_int("Trainer", "log_every_n_steps", trainer["log_every_n_steps"], minimum=1)
+
+
+def _get_key(config, dotted: str):
+    """``config[a][b]...`` for ``dotted="a.b..."`` on namespaces or dicts; None when a level is missing."""
+    node = config
+    for key in dotted.split("."):
+        node = node.get(key) if hasattr(node, "get") else None
+        if node is None:
+            return None
+    return node
+
+
+def _model_options(config) -> dict[str, object]:
+    """{dotted key: value} of the subcommand's model options (empty when there is none)."""
+    model = _get_key(config, f"{config.get('subcommand')}.model") if hasattr(config, "get") else None
+    flat = model.as_dict() if hasattr(model, "as_dict") else model
+    return dict(_flatten(flat, "model")) if isinstance(flat, dict) else {}
+
+
+def _flatten(node, prefix: str):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _flatten(value, f"{prefix}.{key}" if key != "init_args" else prefix)
+    else:
+        yield prefix, node
+
+
+#: class path -> (module it needs, lightningllm extra that installs it).
+OPTIONAL_DEPENDENCIES = {
+    "lightning.pytorch.strategies.DeepSpeedStrategy": ("deepspeed", "deepspeed"),
+    "lightningllm.callbacks.Float8Training": ("torchao", "fp8"),
+}
+
+
+def check_optional_dependencies(config) -> None:
+    """Refuse, in one line naming the extra to install, a config whose classes need a package that is missing."""
+    for class_path in _class_paths(config.as_dict() if hasattr(config, "as_dict") else config):
+        cls = _resolve(class_path)
+        for needs, (module, extra) in OPTIONAL_DEPENDENCIES.items():
+            base = _resolve(needs)
+            if cls is not None and base is not None and issubclass(cls, base) and find_spec(module) is None:
+                raise ConfigError(
+                    f"{cls.__name__} needs the {module} package, which is not installed: "
+                    f"pip install 'lightningllm[{extra}]' (or remove {cls.__name__} from the config)."
+                )
+
+
+def _class_paths(node):
+    if isinstance(node, dict):
+        if isinstance(node.get("class_path"), str):
+            yield node["class_path"]
+        strategy = node.get("strategy")
+        if isinstance(strategy, str) and strategy.startswith("deepspeed"):
+            yield "lightning.pytorch.strategies.DeepSpeedStrategy"
+        for value in node.values():
+            yield from _class_paths(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _class_paths(value)
+
+
+def _resolve(class_path: str) -> type | None:
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return cls if isinstance(cls, type) else None
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 def import_short_names() -> None:
@@ -146,13 +297,27 @@ def run_lightning(args: Sequence[str] | None) -> None:
         parser_class=PluginAwareParser,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"logger": CSV_LOGGER, "plugins": [ATOMIC_CHECKPOINTS]},
+        parser_kwargs=_parser_kwargs(),
         args=None if args is None else list(args),
     )
 
 
+class CommandParser(ShortErrors):
+    """The parser of lightningllm's own commands: errors are one line and a pointer to ``--help``, exit 2."""
+
+
+def _parser_kwargs() -> dict:
+    """The main parser's name and each LightningCLI subcommand's one-line description, as ``--help`` shows them."""
+    return {"prog": "lightningllm", **{name: {"description": SUMMARIES[name]} for name in LIGHTNING_COMMANDS}}
+
+
 def list_plugins(args: Sequence[str]) -> None:
-    """lightningllm plugins [KIND]: every registered plugin by kind, with its first docstring line."""
-    kinds = list(args) or list(registry.KINDS)
+    """lightningllm plugins [KIND ...]: every registered plugin by kind, with its first docstring line."""
+    parser = CommandParser(prog="lightningllm plugins", description=SUMMARIES["plugins"])
+    parser.add_argument(
+        "kinds", nargs="*", default=[], help=f"Plugin kinds to list (default: all of {', '.join(registry.KINDS)})."
+    )
+    kinds = list(parser.parse_args(list(args)).kinds) or list(registry.KINDS)
     for kind in kinds:
         names = registry.available(kind)
         sys.stdout.write(f"{kind}:\n")
@@ -226,7 +391,7 @@ def _generation_inputs(
 
 
 def _generate_parser() -> ArgumentParser:
-    parser = ArgumentParser(
+    parser = CommandParser(
         prog="lightningllm generate",
         description="Sample text from an export folder: a decoder continues the prompt, an encoder-decoder "
         "writes the target for it. Each sample is printed on its own line.",
@@ -309,10 +474,7 @@ def convert_command(args: Sequence[str]) -> None:
     """lightningllm convert --from-hf HF_DIR --out EXPORT_DIR | --to-hf EXPORT_DIR --out HF_DIR [--family TYPE]."""
     from lightningllm.convert import from_hf, to_hf
 
-    parser = ArgumentParser(
-        prog="lightningllm convert",
-        description="Convert a Hugging Face checkpoint folder to a lightningllm export folder, or back.",
-    )
+    parser = CommandParser(prog="lightningllm convert", description=SUMMARIES["convert"])
     parser.add_argument("--from-hf", type=str | None, default=None, help="Hugging Face folder to import.")
     parser.add_argument("--to-hf", type=str | None, default=None, help="lightningllm export folder to export.")
     parser.add_argument("--out", type=str, required=True, help="Folder to write (replaced atomically).")
@@ -349,8 +511,21 @@ USAGE = """usage: lightningllm {fit,validate,test,predict} --config CONFIG.yaml 
        lightningllm convert --from-hf HF_DIR --out EXPORT_DIR
        lightningllm convert --to-hf EXPORT_DIR --out HF_DIR [--family gpt2|llama|mistral|mixtral|bert]
        lightningllm estimate --config CONFIG.yaml [--key=value ...] [--device_memory_gib GIB]
-
 """
+
+#: One line per command, for ``lightningllm --help`` and each command's own ``--help``.
+SUMMARIES = {
+    "fit": "Train a model from a YAML config (and --key=value overrides); checkpoints, logs and an export.",
+    "validate": "Compute the validation loss of a config's model (from --ckpt_path, or freshly initialised).",
+    "test": "Compute the test loss of a config's model (from --ckpt_path, or freshly initialised).",
+    "predict": "Run the model's predict_step over the datamodule's predict split.",
+    "plugins": "List the registered plugins (attention, ffn, norm, position, block, tokenizer, adapter).",
+    "generate": "Sample text from an export folder.",
+    "convert": "Convert a Hugging Face checkpoint folder to a lightningllm export folder, or back.",
+    "estimate": ESTIMATE_SUMMARY,
+}
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "plugins": list_plugins,
@@ -360,16 +535,28 @@ COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
 }
 
 
+def help_text() -> str:
+    """``lightningllm --help``: the usage, then every command with its one-line description."""
+    width = max(map(len, SUMMARIES))
+    commands = "".join(f"  {name:<{width}}  {line}\n" for name, line in SUMMARIES.items())
+    return (
+        f"{USAGE}\ncommands:\n{commands}\nRun `lightningllm COMMAND --help` for a command's options. A user error "
+        "prints one paragraph and exits 2; set LIGHTNINGLLM_TRACEBACK=1 to see the traceback too.\n"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``lightningllm`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    registry.load_plugins()
-    command = COMMANDS.get(args[0]) if args else None
-    if not args or args[0] in ("-h", "--help"):
-        sys.stdout.write(USAGE)
+    if not args:
+        sys.stderr.write(USAGE + "Run `lightningllm --help` for the commands.\n")
+        sys.exit(2)
+    if args[0] in ("-h", "--help"):
+        sys.stdout.write(help_text())
+        return
     try:
-        command(args[1:]) if command else run_lightning(None if argv is None else args)
+        _run(args, argv is None)
     except BrokenPipeError:  # `lightningllm plugins | head`: the reader left, which is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except Exception as err:
@@ -378,6 +565,51 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise
         sys.stderr.write(f"error: {user_error}\n")
         sys.exit(2)
+
+
+def _run(args: list[str], from_command_line: bool) -> None:
+    """Dispatch ``args`` (``args[0]`` is the command) after the checks every command shares."""
+    command = args[0]
+    if command not in COMMANDS and command not in LIGHTNING_COMMANDS:
+        raise ConfigError(
+            f"Unknown command {command!r}. Commands: {', '.join(SUMMARIES)}. Run `lightningllm --help` for what "
+            "each does."
+        )
+    registry.load_plugins()
+    if command in LIGHTNING_COMMANDS or command == "estimate":
+        check_config_files(args[1:])
+    if command in COMMANDS:
+        COMMANDS[command](args[1:])
+    else:
+        run_lightning(None if from_command_line else args)
+
+
+def check_config_files(args: Sequence[str]) -> None:
+    """Each ``--config`` file exists and holds a YAML mapping, else one paragraph naming the file."""
+    import yaml
+
+    for path in _config_paths(args):
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config {path!r}: no such file. Give the path of a YAML config (see configs/).")
+        try:
+            content = yaml.safe_load(open(path, encoding="utf-8").read())
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"--config {path!r} is not valid YAML: {_one_line(err)}") from None
+        if not isinstance(content, dict):
+            raise ConfigError(
+                f"--config {path!r} holds a YAML {type(content).__name__}, not a mapping of options "
+                "(trainer:, model:, data: ...)."
+            )
+
+
+def _config_paths(args: Sequence[str]) -> list[str]:
+    paths = []
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            paths.append(args[i + 1])
+        elif arg.startswith("--config="):
+            paths.append(arg.split("=", 1)[1])
+    return paths
 
 
 def _user_error(err: BaseException | None) -> LightningLLMError | None:

@@ -34,6 +34,7 @@ from lightningllm.convert.families import FAMILIES
 from lightningllm.convert.table import (
     ConversionError,
     Family,
+    Field,
     Unsupported,
     Weight,
     set_path,
@@ -135,12 +136,22 @@ def our_config(family: Family, hf_config: Mapping[str, Any], *, source: str) -> 
     """Our model config from an HF config through ``family``; every refused field named in one error."""
     config = copy.deepcopy(family.skeleton)
     problems, known = [], set()
+    missing = [name for name in _shape_fields(family) if name not in hf_config]
+    if missing:
+        raise ConversionError(
+            f"{str(Path(source) / CONFIG)!r} has no {', '.join(missing)} field(s), which give the shape of the "
+            f"{family.model_type} model and are never guessed. Add them (the values save_pretrained writes) or pass "
+            "the folder save_pretrained wrote."
+        )
     for entry in family.fields:
         known.update(entry.names)
         try:
             updates = entry.read(hf_config)
         except Unsupported as err:
             problems.append(str(err))
+            continue
+        except KeyError as err:  # a rule reading a field the config lacks
+            problems.append(f"the field {err.args[0]!r} is missing")
             continue
         for path, value in updates.items():
             set_path(config, path, value)
@@ -158,6 +169,15 @@ def our_config(family: Family, hf_config: Mapping[str, Any], *, source: str) -> 
             "value does not matter for your use."
         )
     return config
+
+
+#: Our config keys that fix the model's shape: the HF fields feeding them must be present, not defaulted.
+SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "n_encoder_layers", "n_decoder_layers")
+
+
+def _shape_fields(family: Family) -> list[str]:
+    """The HF fields of ``family``'s table that map onto :data:`SHAPE_KEYS`."""
+    return [entry.hf for entry in family.fields if isinstance(entry, Field) and entry.ours in SHAPE_KEYS]
 
 
 @contextmanager

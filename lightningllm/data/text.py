@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightningllm.atomic import atomic_directory, atomic_file
+from lightningllm.checks import check_int
 from lightningllm.data.corpus import Document, corpus_fingerprint, load_corpus
 from lightningllm.data.resumable import resumable_loader
 from lightningllm.errors import ConfigError, DataError, TokenizerError
@@ -393,11 +394,7 @@ class TextDataModule(L.LightningDataModule):
 
 
 def _check_int(name: str, value: Any, minimum: int | None = None, extra: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-        allowed = "an integer" if minimum is None else f"an integer >= {minimum}"
-        raise ConfigError(
-            f"TextDataModule {name}={value!r} is not allowed: {name} must be {allowed}{extra and ' '}{extra}."
-        )
+    check_int("TextDataModule", name, value, minimum, extra)
 
 
 def _check_holdout(name: str, value: Any) -> None:

@@ -8,6 +8,7 @@ trains or loads its tokenizer when the config leaves ``vocab_size`` to the data)
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import sys
 import warnings
@@ -19,6 +20,7 @@ from torch import nn
 
 from lightningllm.errors import ConfigError
 from lightningllm.estimate import RunShape, estimate
+from lightningllm.estimate.extrapolate import MAX_BUILT_LAYERS, extrapolate
 from lightningllm.estimate.memory import OPTIMIZER_STATES, Sharding, normalise_precision
 from lightningllm.estimate.report import GIB, format_estimate, warning
 
@@ -27,8 +29,11 @@ DEVICE_MEMORY_FLAG = "--device_memory_gib"
 
 def estimate_command(args: Sequence[str]) -> None:
     """Print the estimate of the run ``args`` configures; a warning on stderr when it will not fit."""
+    if any(arg in ("-h", "--help") for arg in args):
+        sys.stdout.write(help_text())
+        return
     args, device_memory = _pop_device_memory(list(args))
-    task, datamodule, trainer = _build(args)
+    task, datamodule, trainer, deep = _build(args)
     model = task.model
     shape = RunShape(
         batch_size=_data_attribute(datamodule, "batch_size"),
@@ -42,20 +47,61 @@ def estimate_command(args: Sequence[str]) -> None:
         checkpointing=bool(getattr(task, "activation_checkpointing", False)),
         device_memory=device_memory if device_memory is not None else _device_memory(trainer),
     )
-    result = estimate(model, shape)
-    sys.stdout.write(format_estimate(result, real_parameter_count=sum(p.numel() for p in model.parameters())))
+    result, real_count = estimate(model, shape), sum(p.numel() for p in model.parameters())
+    if deep:  # built at 1 layer per deep stack: extend the line through the 2-layer builds
+        steps = [(count, _two_layer(model, key)) for key, count in deep.items()]
+        result = extrapolate(result, [(count, estimate(variant, shape)) for count, variant in steps])
+        real_count = extrapolate(real_count, [(count, sum(p.numel() for p in v.parameters())) for count, v in steps])
+    sys.stdout.write(format_estimate(result, real_parameter_count=real_count))
     message = warning(result)
     if message:
         sys.stderr.write(message + "\n")
 
 
-def _build(args: list[str]) -> tuple[Any, Any, dict[str, Any]]:
-    """(task with its model on meta, datamodule, trainer settings) from fit-style arguments."""
+def help_text() -> str:
+    """``lightningllm estimate --help``: what it does and its own options; ``fit --help`` lists the rest."""
+    return f"""usage: lightningllm estimate --config CONFIG.yaml [--key=value ...] [{DEVICE_MEMORY_FLAG} GIB]
+
+{SUMMARY}
+
+Reads the same config as `lightningllm fit`, builds the model on the meta device (no weights are
+allocated; stacks deeper than {MAX_BUILT_LAYERS} layers are extrapolated from 1- and 2-layer builds) and
+prints parameters, FLOPs per token, tokens, the KV cache and the training memory per device.
+
+options:
+  -h, --help            Show this help and exit.
+  -c, --config CONFIG   A YAML config, as for `lightningllm fit` (repeat to combine several).
+  --key=value           Any option of `lightningllm fit` (e.g. --model.model.n_layers=24); see
+                        `lightningllm fit --help` for all of them.
+  {DEVICE_MEMORY_FLAG} GIB
+                        Memory of one device in GiB, a number > 0 (default: the first GPU's, or the
+                        machine's RAM divided among the ranks on CPU); a warning says when the run will
+                        not fit.
+"""
+
+
+SUMMARY = "Print what a configured run will cost (parameters, FLOPs, tokens, memory) without running it."
+
+
+def _build(args: list[str]) -> tuple[Any, Any, dict[str, Any], dict[str, int]]:
+    """(task with its model on meta, datamodule, trainer settings, deep layer counts) from fit-style arguments.
+
+    A layer count above :data:`MAX_BUILT_LAYERS` is built as 1; the returned dict maps its key in the
+    network's config to the configured count.
+    """
     from lightningllm.cli import CSV_LOGGER, LightningLLMCLI, PluginAwareParser, import_short_names
 
+    deep: dict[str, int] = {}
+
     class ConfigOnlyCLI(LightningLLMCLI):
+        needs_optional_dependencies = False
+
         def instantiate_trainer(self, **kwargs):
             return None
+
+        def before_instantiate_classes(self) -> None:
+            super().before_instantiate_classes()
+            deep.update(_shallow_layer_counts(self.config))
 
     import_short_names()
     with torch.device("meta"), warnings.catch_warnings():
@@ -63,8 +109,36 @@ def _build(args: list[str]) -> tuple[Any, Any, dict[str, Any]]:
         cli = ConfigOnlyCLI(
             subclass_mode_model=True, subclass_mode_data=True, parser_class=PluginAwareParser,
             trainer_defaults={"logger": CSV_LOGGER}, run=False, args=args,
+            parser_kwargs={"prog": "lightningllm estimate", "description": SUMMARY},
         )  # fmt: skip
-    return cli.model, cli.datamodule, _as_dict(cli.config["trainer"])
+    return cli.model, cli.datamodule, _as_dict(cli.config["trainer"]), deep
+
+
+def _shallow_layer_counts(config: Any) -> dict[str, int]:
+    """Set every layer count (``n_layers``, ``n_encoder_layers``, ...) of the network above the limit to 1."""
+    network = config.get("model", {}).get("init_args", {}).get("model", {}).get("init_args")
+    deep = {}
+    for key in list(network.keys()) if network is not None and hasattr(network, "keys") else []:
+        value = network.get(key)
+        if key.startswith("n_") and key.endswith("layers") and isinstance(value, int) and value > MAX_BUILT_LAYERS:
+            if network.get("overrides"):
+                raise ConfigError(
+                    f"estimate cannot extrapolate {key}={value:,} with per-layer overrides (it estimates stacks "
+                    f"deeper than {MAX_BUILT_LAYERS} layers from 1- and 2-layer builds, which assumes alike layers)."
+                )
+            deep[key], network[key] = value, 1
+    return deep
+
+
+def _two_layer(model: nn.Module, key: str) -> nn.Module:
+    """``model`` rebuilt on meta with 2 layers in the stack ``key`` names."""
+    if not hasattr(model, "from_config") or key not in getattr(model, "config", {}):
+        raise ConfigError(
+            f"estimate builds {type(model).__name__} with {key}=1 and 2 to extrapolate a deep stack, but the model "
+            f"has no from_config/config with {key}. Lower {key} to at most {MAX_BUILT_LAYERS}."
+        )
+    with torch.device("meta"):
+        return type(model).from_config({**model.config, key: 2})
 
 
 def _as_dict(namespace: Any) -> dict[str, Any]:
@@ -77,9 +151,15 @@ def _pop_device_memory(args: list[str]) -> tuple[list[str], int | None]:
             value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
             rest = args[:i] + args[i + (1 if "=" in arg else 2) :]
             try:
-                return rest, int(float(value) * GIB)
+                gib = float(value)
             except ValueError:
-                raise ConfigError(f"{DEVICE_MEMORY_FLAG}={value!r} is not a number of GiB (e.g. 80).") from None
+                gib = math.nan
+            if not gib > 0 or math.isinf(gib):
+                raise ConfigError(
+                    f"{DEVICE_MEMORY_FLAG}={value!r} is not allowed: give the memory of one device in GiB, a number "
+                    "> 0 (e.g. 80)."
+                )
+            return rest, int(gib * GIB)
     return args, None
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightningllm.cache import KVCache
+from lightningllm.checks import check_int, check_number, check_probability
 from lightningllm.config import factory_of, spec_of
 from lightningllm.contracts import (
     AttentionFactory,
@@ -81,6 +82,7 @@ class TransformerStack(nn.Module):
         model = type(self).__name__
         n_kv_heads = n_kv_heads or n_heads
         _check_shapes(vocab_size, dim, n_layers, n_heads, n_kv_heads)
+        _check_values(model, hidden_dim, max_seq_len, dropout, attention_dropout, init_std)
         hidden_dim = hidden_dim or 4 * dim
         factories = {"attention": attention, "ffn": ffn, "norm": norm, "position": position, "block": block}
         _check_knobs_are_not_structural(model, **factories)
@@ -246,6 +248,17 @@ def _check_knobs_are_not_structural(model: str, **factories) -> None:
                 f"Set {', '.join(clash)} on the model ({model}) instead; a plugin's init_args carry only its own "
                 f"knobs (structural keys of {slot}: {', '.join(STRUCTURAL[slot])})."
             )
+
+
+def _check_values(
+    model: str, hidden_dim: int | None, max_seq_len: int, dropout: float, attention_dropout: float, init_std: float
+) -> None:
+    if hidden_dim is not None:
+        check_int(model, "hidden_dim", hidden_dim, minimum=1, extra="(or null for 4 x dim)")
+    check_int(model, "max_seq_len", max_seq_len, minimum=1)
+    check_probability(model, "dropout", dropout)
+    check_probability(model, "attention_dropout", attention_dropout)
+    check_number(model, "init_std", init_std, 0.0, extra="(the standard deviation of the initial weights)")
 
 
 def _check_shapes(vocab_size: int, dim: int, n_layers: int, n_heads: int, n_kv_heads: int) -> None:

@@ -6,6 +6,7 @@ import lightning as L
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from lightningllm.checks import check_int, check_number, check_optimizer
 from lightningllm.contracts import prepare_distributed
 from lightningllm.strategies import prepare_blocks
 from lightningllm.tasks.optim import Schedule, param_groups, warmup_then_decay
@@ -37,6 +38,10 @@ class TrainingTask(L.LightningModule):
         compile: bool,
     ) -> None:
         """Keep the model and the training settings (arguments as in the tasks' docstrings)."""
+        owner = type(self).__name__
+        check_int(owner, "warmup_steps", warmup_steps, minimum=0)
+        check_number(owner, "min_lr_ratio", min_lr_ratio, 0.0, 1.0, extra="(the final learning rate over the peak)")
+        check_optimizer(owner, optimizer)
         self.model = model
         self.optimizer = optimizer
         self.warmup_steps, self.schedule, self.min_lr_ratio = warmup_steps, schedule, min_lr_ratio

@@ -155,3 +155,40 @@ def test_converted_llama_fine_tunes_with_causal_lm(parity, tmp_path):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+@pytest.mark.parametrize(
+    "legacy, refused",
+    [
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, False),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_theta": 10000.0}, False),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, True),
+        ({"rope_theta": 500000.0}, True),
+    ],
+)
+def test_rope_parameters_and_a_disagreeing_legacy_rope_scaling_are_refused_naming_both(legacy, refused):
+    from lightningllm.convert.families import FAMILIES
+    from lightningllm.convert.hf import our_config
+    from lightningllm.convert.table import ConversionError
+
+    hf = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1,
+          "num_attention_heads": 4, "intermediate_size": 64,
+          "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}, **legacy}  # fmt: skip
+    if not refused:
+        assert our_config(FAMILIES["llama"], hf, source="x")["position"]["init_args"]["factor"] == 2.0
+        return
+    with pytest.raises(ConversionError, match=r"rope_parameters=.*rope_scaling=.*disagree"):
+        our_config(FAMILIES["llama"], hf, source="x")
+
+
+@pytest.mark.parametrize("field", ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"])
+def test_a_config_without_a_shape_field_is_refused_naming_it(field):
+    from lightningllm.convert.families import FAMILIES
+    from lightningllm.convert.hf import our_config
+    from lightningllm.convert.table import ConversionError
+
+    hf = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1,
+          "num_attention_heads": 4, "intermediate_size": 64}  # fmt: skip
+    del hf[field]
+    with pytest.raises(ConversionError, match=field):
+        our_config(FAMILIES["llama"], hf, source="x")

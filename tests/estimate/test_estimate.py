@@ -176,3 +176,53 @@ def test_estimate_command_reads_the_fit_config_and_warns_on_a_small_device(run_c
     assert "(matches)" in out and "40 steps = 10,240 tokens" in out
     assert "will not fit" in err
     assert not (tmp_path / "run").exists() and not (tmp_path / "export").exists()  # nothing was trained
+
+
+def _tiny_run(run_config, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir(exist_ok=True)
+    (corpus / "a.txt").write_text("to be or not to be, that is the question. " * 40)
+    model = {
+        "dim": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 32,
+        "attention": {"class_path": "MultiHeadAttention"}, "ffn": {"class_path": "SwiGLU"},
+        "norm": {"class_path": "RMSNorm"}, "position": {"class_path": "RoPE"}, "block": {"class_path": "PreNorm"},
+    }  # fmt: skip
+    return run_config(tmp_path, task="lightningllm.tasks.CausalLM", model_class="lightningllm.models.Decoder",
+                      model=model, corpus=corpus)  # fmt: skip
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_deep_stack_extrapolated_from_two_shallow_builds_equals_the_full_build(
+    run_config, tmp_path, capsys, monkeypatch, checkpointing
+):
+    from lightningllm.cli import main
+    from lightningllm.estimate import command
+
+    args = ["estimate", "--config", str(_tiny_run(run_config, tmp_path)), "--model.model.n_layers=7",
+            f"--model.activation_checkpointing={checkpointing}", "--device_memory_gib=80"]  # fmt: skip
+    main(args)
+    built = capsys.readouterr().out
+    monkeypatch.setattr(command, "MAX_BUILT_LAYERS", 2)  # now 7 layers are extrapolated from 1 and 2
+    main(args)
+    extrapolated = capsys.readouterr().out
+    assert extrapolated == built and "(matches)" in built
+
+
+def test_a_billion_layers_are_estimated_without_building_them(run_config, tmp_path, capsys):
+    from lightningllm.cli import main
+
+    main(["estimate", "--config", str(_tiny_run(run_config, tmp_path)), "--model.model.n_layers=1000000000"])
+    out = capsys.readouterr().out
+    per_layer = 4 * 32 * 32 + 3 * 32 * 128 + 2 * 32  # attention q,k,v,o + SwiGLU (hidden 4 x dim) + two RMSNorms
+    total = next(line for line in out.splitlines() if line.strip().startswith("total") and "matches" in line)
+    embeddings_and_final_norm = int(total.split()[1].replace(",", "")) - 10**9 * per_layer
+    assert 0 < embeddings_and_final_norm < 10_000
+
+
+def test_estimate_help_says_what_it_does_in_a_few_lines(capsys):
+    from lightningllm.cli import main
+    from lightningllm.estimate.command import SUMMARY
+
+    main(["estimate", "--help"])
+    out = capsys.readouterr().out
+    assert SUMMARY in out.splitlines()[:4] and "lightningllm fit --help" in out and len(out.splitlines()) < 30

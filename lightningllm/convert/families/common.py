@@ -104,6 +104,24 @@ def head_dim_rule() -> Rule:
     return Rule(("head_dim",), read, write)
 
 
+def _check_rope_agreement(hf: Mapping[str, Any]) -> None:
+    """Refuse a config whose ``rope_parameters`` and legacy ``rope_scaling``/``rope_theta`` give different values."""
+    params = hf.get("rope_parameters") or {}
+    if not params:
+        return
+    legacy = {("rope_type" if key == "type" else key): value for key, value in (hf.get("rope_scaling") or {}).items()}
+    if "rope_theta" in hf:
+        legacy["rope_theta"] = hf["rope_theta"]
+    clashes = sorted(key for key, value in legacy.items() if key in params and params[key] != value)
+    if clashes:
+        theta = f" and rope_theta={hf['rope_theta']!r}" if "rope_theta" in hf else ""
+        raise Unsupported(
+            f"rope_parameters={dict(params)!r} and the legacy rope_scaling={hf.get('rope_scaling')!r}{theta} "
+            f"disagree on {', '.join(clashes)} (lightningllm cannot tell which one the checkpoint was trained with; "
+            "keep one of them)"
+        )
+
+
 def rope_rule(default_theta: float) -> Rule:
     """RoPE's base and scaling from ``rope_parameters`` (transformers 5) or ``rope_theta``/``rope_scaling``.
 
@@ -115,6 +133,7 @@ def rope_rule(default_theta: float) -> Rule:
     """
 
     def read(hf: Mapping[str, Any]) -> dict[str, Any]:
+        _check_rope_agreement(hf)
         params = dict(hf.get("rope_parameters") or {})
         if not params:
             params = {"rope_theta": hf.get("rope_theta", default_theta), **(hf.get("rope_scaling") or {})}

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightningllm.checks import check_number
 from lightningllm.contracts import Norm
 from lightningllm.registry import register
 
@@ -25,6 +26,7 @@ class LayerNorm(Norm):
 
     def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True) -> None:
         super().__init__()
+        check_number("LayerNorm", "eps", eps, 0.0)
         self.dim, self.eps = dim, eps
         self.weight = nn.Parameter(torch.empty(dim))
         self.bias = nn.Parameter(torch.empty(dim)) if bias else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lightningllm.checks import check_number
 from lightningllm.contracts import Norm
 from lightningllm.registry import register
 
@@ -23,6 +24,7 @@ class RMSNorm(Norm):
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
+        check_number("RMSNorm", "eps", eps, 0.0)
         self.dim, self.eps = dim, eps
         self.weight = nn.Parameter(torch.empty(dim))
         self.reset_parameters()
