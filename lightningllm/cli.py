@@ -106,12 +106,26 @@ class LightningLLMCLI(LightningCLI):
             for model_class in (TransformerStack, EncoderDecoder):
                 parser.add_instantiator(_on_meta, model_class)
 
+    def instantiate_trainer(self, **kwargs):
+        """The Trainer, with lightningllm's step progress bar, parameter summary and run summary by default."""
+        from lightningllm.progress import default_callbacks
+
+        config = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
+        callbacks = config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        flags = config.get("enable_progress_bar"), config.get("enable_model_summary")
+        kwargs.setdefault("callbacks", default_callbacks(callbacks, *flags))
+        return super().instantiate_trainer(**kwargs)
+
 
 def import_short_names() -> None:
     """Import the modules whose classes YAML may name by their short names (``class_path: Export``)."""
     import lightningllm.callbacks  # noqa: F401
     import lightningllm.data  # noqa: F401
     import lightningllm.models  # noqa: F401
+    import lightningllm.monitoring  # noqa: F401
+    import lightningllm.progress  # noqa: F401
+    import lightningllm.run_summary  # noqa: F401
     import lightningllm.tasks  # noqa: F401
 
 
