@@ -64,7 +64,8 @@ class SampleText(L.Callback):
     (:func:`~lightningllm.generation.generate`), an encoder-decoder reads it as its source. Rank 0 logs
     each sample (``step N: <text>``) and appends it to ``samples.txt`` in the Trainer's ``log_dir``
     (beside a CSVLogger's ``metrics.csv``). The sampling generator is seeded, so the same step of the
-    same weights gives the same text, and the training random state is left untouched.
+    same weights gives the same text, and the training random state is left untouched. Under a sharded
+    strategy (FSDP, DeepSpeed ZeRO 3) no rank holds the whole model: it logs that once and samples nothing.
 
     Args:
         prompt: the text to continue.
@@ -88,6 +89,7 @@ class SampleText(L.Callback):
         self.temperature, self.top_k, self.seed, self.prefix_lm = temperature, top_k, seed, prefix_lm
         self.samples: list[tuple[int, str]] = []
         self._last_step = -1
+        self._sharded = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         model = pl_module.model
@@ -96,16 +98,19 @@ class SampleText(L.Callback):
                 f"SampleText generates text, but {type(model).__name__} attends bidirectionally and cannot continue "
                 "a prompt. Remove the SampleText callback from this run."
             )
-        if getattr(trainer.strategy, "zero_stage_3", False) or type(trainer.strategy).__name__ == "FSDPStrategy":
-            raise ConfigError(
-                "SampleText samples from the whole model on rank 0, which a sharded strategy (FSDP, DeepSpeed ZeRO 3) "
-                "does not hold. Remove the SampleText callback, or sample from the export after the run."
+        self._sharded = (
+            getattr(trainer.strategy, "zero_stage_3", False) or type(trainer.strategy).__name__ == "FSDPStrategy"
+        )
+        if self._sharded and trainer.is_global_zero:
+            log.warning(
+                "SampleText: no samples during this run: a sharded strategy (FSDP, DeepSpeed ZeRO 3) holds no whole "
+                "model on rank 0. Sample from the export after the run (lightningllm generate EXPORT_DIR)."
             )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:  # fmt: skip
         step = trainer.global_step
-        if step == self._last_step or step % self.every_n_steps or not trainer.is_global_zero:
+        if self._sharded or step == self._last_step or step % self.every_n_steps or not trainer.is_global_zero:
             return
         self._last_step = step
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)

@@ -57,11 +57,21 @@ def test_sampling_leaves_the_training_random_state_and_mode_alone(decoder_factor
     assert sample(model, tokenizer, "to", 8, temperature=1.0, seed=3) == first and first.startswith("to")
 
 
-def test_a_bidirectional_model_is_refused_before_training(tmp_path):
+def test_a_bidirectional_model_is_refused_and_a_sharded_run_samples_nothing(caplog):
     class Task:
         model = type("Encoder", (), {"causal": False})()
 
+    trainer = type("T", (), {"strategy": object(), "is_global_zero": True})()
     with pytest.raises(ConfigError, match="cannot continue a prompt"):
-        SampleText().setup(type("T", (), {"strategy": object()})(), Task(), "fit")
+        SampleText().setup(trainer, Task(), "fit")
+    Task.model.causal = True
+    from lightningllm.strategies import FSDPStrategy
+
+    trainer.strategy, trainer.global_step = FSDPStrategy(), 100
+    callback = SampleText(every_n_steps=10)
+    with caplog.at_level(logging.WARNING, logger="lightningllm.monitoring"):
+        callback.setup(trainer, Task(), "fit")
+        callback.on_train_batch_end(trainer, Task(), None, None, 0)  # would sample at step 100 otherwise
+    assert "no samples during this run" in caplog.text and callback.samples == []
     with pytest.raises(ConfigError, match="every_n_steps"):
         SampleText(every_n_steps=0)
