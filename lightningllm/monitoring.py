@@ -8,7 +8,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -25,36 +24,25 @@ class GradientNormMonitor(L.Callback):
 
     It is the norm ``gradient_clip_val`` compares with (after AMP's loss scaling is undone): a run whose
     clipping is always active, or whose norm spikes before a loss spike, shows it here. Under FSDP each
-    rank holds a shard of the gradients, and the squared norms are summed over the ranks.
+    rank holds a shard of the gradients, and the root module's ``clip_grad_norm_`` with an infinite
+    bound (which scales nothing) gives the norm over all shards, whatever the sharding strategy.
     """
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Optimizer) -> None:
-        norm = total_grad_norm(pl_module, sharded=_is_sharded(trainer))
+        from lightningllm.callbacks import _is_fsdp
+
+        root = trainer.strategy.model
+        norm = root.clip_grad_norm_(float("inf")) if _is_fsdp(root) else total_grad_norm(pl_module)
         if norm is not None:
             pl_module.log(GRAD_NORM, norm, on_step=True, on_epoch=False)
 
 
-def total_grad_norm(module: nn.Module, sharded: bool = False) -> Tensor | None:
-    """L2 norm of every gradient of ``module`` as one vector; None when no parameter has a gradient.
-
-    Args:
-        module: the module whose parameters' ``.grad`` are read.
-        sharded: the gradients are shards of one model over the ranks (FSDP): sum the squares over them.
-    """
+def total_grad_norm(module: nn.Module) -> Tensor | None:
+    """L2 norm of every gradient of ``module`` as one vector; None when no parameter has a gradient."""
     grads = [p.grad.detach() for p in module.parameters() if p.grad is not None]
-    if not grads and not sharded:
+    if not grads:
         return None
-    device = grads[0].device if grads else next(module.parameters()).device
-    squares = sum((g.float().pow(2).sum() for g in grads), torch.zeros((), device=device))
-    if sharded and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(squares)
-    return squares.sqrt()
-
-
-def _is_sharded(trainer: L.Trainer) -> bool:
-    from lightningllm.callbacks import _is_fsdp
-
-    return _is_fsdp(trainer.strategy.model)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
 class SampleText(L.Callback):

@@ -161,6 +161,7 @@ def test_learning_rate_monitor_logs_the_schedule(decoder_factory, tmp_path):
 FSDP_CLIP = """
 import lightning as L, torch
 from torch.utils.data import DataLoader
+from lightningllm.monitoring import GradientNormMonitor
 from lightningllm.strategies import FSDPStrategy
 from tests.core.test_training_options import task, data, flat
 from tests.conftest import build_decoder
@@ -169,18 +170,23 @@ norms = []
 class Norm(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         norms.append(float(torch.cat([p.grad.flatten() for p in pl_module.parameters() if p.grad is not None]).norm()))
+class Read(L.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        norms.append(float(trainer.callback_metrics["train/grad_norm"]))
 L.Trainer(accelerator="cpu", devices=1, strategy=FSDPStrategy(state_dict_type="sharded"), max_steps=1,
           gradient_clip_val=0.05, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-          enable_model_summary=False, callbacks=[Norm()]).fit(module, DataLoader(data(4), batch_size=4))
-print("RESULT", norms[0], float(flat(optimizers[0].seen[0]).norm()))
+          enable_model_summary=False, callbacks=[Norm(), GradientNormMonitor(), Read()]
+          ).fit(module, DataLoader(data(4), batch_size=4))
+print("RESULT", norms[0], float(flat(optimizers[0].seen[0]).norm()), norms[1])
 """
 
 
-def test_gradient_clipping_by_norm_works_under_fsdp(tmp_path):
+def test_gradient_clipping_by_norm_and_the_norm_log_work_under_fsdp(tmp_path):
     """Lightning's FSDPPrecision refuses clipping by norm; ours clips through the root's clip_grad_norm_."""
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(FSDP_CLIP)], capture_output=True, text=True,
                           cwd=ROOT, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    raw, stepped = (float(x) for x in done.stdout.split("RESULT")[1].split())
+    raw, stepped, logged = (float(x) for x in done.stdout.split("RESULT")[1].split())
     assert raw > 0.05
     assert stepped == pytest.approx(0.05, rel=1e-4)
+    assert logged == pytest.approx(raw, rel=1e-5)  # GradientNormMonitor's norm over the shards, before clipping
