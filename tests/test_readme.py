@@ -2,10 +2,10 @@
 
 The commands are read out of the README itself (fenced ``bash`` blocks, and inline code spans that
 are whole commands), so an edit that breaks one fails here. The fast tests parse every ``fit``
-command (``--print_config``) and run every other one; the short ``fit`` runs (2 steps on a small
-generated corpus instead of the Shakespeare download, tiny batches) are marked slow except the demo's
-and the FSDP one. Commands that need what this machine lacks say so in the README and are skipped here
-with that reason.
+command (``--print_config``, checking that nothing forces a GPU) and run every other one; the short
+``fit`` runs (2 steps on a small generated corpus instead of the Shakespeare download, tiny batches) are
+marked slow except the demo's (FSDP's clipping on CPU is tested fast in tests/core/test_training_options.py).
+Commands that need what this machine lacks say so in the README and are skipped here with that reason.
 """
 
 from __future__ import annotations
@@ -103,6 +103,7 @@ def test_every_fit_command_parses(command, workdir, capsys):
     assert exit_.value.code in (0, None), err[-2000:]
     config = yaml.safe_load(out)
     assert config["trainer"]["max_steps"] == 2
+    assert config["trainer"]["accelerator"] in ("auto", "cpu")  # runs here: nothing forces a GPU
     for flag in shlex.split(command)[2:]:
         if flag.startswith("--model.model.") and "=" in flag:  # a plugin switch reaches the model
             key, value = flag[len("--model.model.") :].split("=")
@@ -127,13 +128,10 @@ def run_fit(command: str, tmp_path: Path, caplog) -> None:
 
 
 FIT = [c for c in COMMANDS if c.split()[1] == "fit"]
-QUICK = {"lightningllm fit --config configs/pretrain/shakespeare-char.yaml"}  # the demo; FSDP below
+QUICK = {"lightningllm fit --config configs/pretrain/shakespeare-char.yaml"}  # the demo
 
 
-@pytest.mark.parametrize(
-    "command",
-    [pytest.param(c, marks=[] if c in QUICK or "fsdp" in c else pytest.mark.slow) for c in FIT],
-)
+@pytest.mark.parametrize("command", [pytest.param(c, marks=[] if c in QUICK else pytest.mark.slow) for c in FIT])
 def test_every_fit_command_trains_in_a_short_form(command, workdir, caplog):
     if need(command):
         pytest.skip(need(command))
