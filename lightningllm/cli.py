@@ -156,8 +156,18 @@ class LightningLLMCLI(LightningCLI):
                 parser.add_instantiator(_on_meta, model_class)
 
     def instantiate_trainer(self, **kwargs):
-        """The Trainer; an option it refuses (devices=0, an unknown accelerator, no GPU) is a user error."""
-        check_trainer_options({**self._get(self.config_init, "trainer", default={}), **kwargs})
+        """The Trainer, with lightningllm's step progress bar, parameter summary and run summary by default.
+
+        An option it refuses (devices=0, an unknown accelerator, no GPU) is a user error.
+        """
+        from lightningllm.progress import default_callbacks
+
+        config = self._get(self.config_init, "trainer", default={})
+        check_trainer_options({**config, **kwargs})
+        callbacks = config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        flags = config.get("enable_progress_bar"), config.get("enable_model_summary")
+        kwargs.setdefault("callbacks", default_callbacks(callbacks, *flags))
         try:
             return super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as err:
@@ -264,6 +274,9 @@ def import_short_names() -> None:
     import lightningllm.callbacks  # noqa: F401
     import lightningllm.data  # noqa: F401
     import lightningllm.models  # noqa: F401
+    import lightningllm.monitoring  # noqa: F401
+    import lightningllm.progress  # noqa: F401
+    import lightningllm.run_summary  # noqa: F401
     import lightningllm.tasks  # noqa: F401
 
 

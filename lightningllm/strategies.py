@@ -14,6 +14,8 @@ from functools import partial
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.plugins.precision import FSDPPrecision as LightningFSDPPrecision
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import FSDPStrategy as LightningFSDPStrategy
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
@@ -160,6 +162,23 @@ def prepare_blocks(model: nn.Module, *, activation_checkpointing: bool = False, 
         checkpoint_blocks(model)
 
 
+class FSDPPrecision(LightningFSDPPrecision):
+    """Lightning's ``FSDPPrecision`` that also clips gradients by their norm.
+
+    Lightning's refuses ``gradient_clip_algorithm="norm"`` because it has no reference to the root FSDP
+    module, and ``torch.nn.utils.clip_grad_norm_`` over one rank's shards would use that rank's partial
+    norm. :class:`FSDPStrategy` hands its root module over once it has wrapped it, and clipping calls the
+    root's ``clip_grad_norm_``, which reduces the squared norms of all shards over the ranks first.
+    """
+
+    root: nn.Module | None = None
+
+    def clip_grad_by_norm(self, optimizer: Any, clip_val: int | float) -> None:
+        if self.root is None:
+            raise RuntimeError("FSDPPrecision clips by norm only under lightningllm's FSDPStrategy, after setup.")
+        self.root.clip_grad_norm_(clip_val)
+
+
 class FSDPStrategy(LightningFSDPStrategy):
     """Lightning's ``FSDPStrategy`` with each ``Block`` of the model as its own FSDP unit.
 
@@ -168,6 +187,8 @@ class FSDPStrategy(LightningFSDPStrategy):
     CPU offload, mixed precision from the Trainer's ``precision``, and checkpoints with
     ``state_dict_type`` "full" (one file gathered on rank 0) or "sharded" (a folder of per-rank shards,
     torch.distributed.checkpoint). On CPU it runs FSDP over gloo (for tests; no speed to be had there).
+    Gradient clipping by norm (``gradient_clip_val``) works, through the root module's ``clip_grad_norm_``
+    (see :class:`FSDPPrecision`).
 
     A model built on the meta device (``with trainer.init_module(empty_init=True):`` or in a task's
     ``configure_model``) is materialised unit by unit as FSDP shards it: each module gets
@@ -196,6 +217,21 @@ class FSDPStrategy(LightningFSDPStrategy):
         )
         self.checkpoint_blocks = activation_checkpointing
         self._block_policy = "auto_wrap_policy" not in self.kwargs
+
+    @property
+    def precision_plugin(self) -> LightningFSDPPrecision:
+        return LightningFSDPStrategy.precision_plugin.fget(self)
+
+    @precision_plugin.setter
+    def precision_plugin(self, plugin: Precision | None) -> None:
+        if type(plugin) is LightningFSDPPrecision:  # the Trainer's choice for FSDP: the same, clipping by norm
+            plugin = FSDPPrecision(plugin.precision, scaler=plugin.scaler)
+        LightningFSDPStrategy.precision_plugin.fset(self, plugin)
+
+    def setup(self, trainer: Any) -> None:
+        super().setup(trainer)
+        if isinstance(self.precision_plugin, FSDPPrecision):
+            self.precision_plugin.root = self.model  # the root FSDP module, whose clip_grad_norm_ spans all ranks
 
     def setup_environment(self) -> None:
         if (
