@@ -26,7 +26,7 @@ test-slow: install
 	$(PY) -m pytest -n 2 -m slow
 
 demo: install
-	$(CLI) fit --config $(DEMO_CONFIG)
+	$(CLI) fit --config $(DEMO_CONFIG) --overwrite true
 	$(CLI) generate $(DEMO_EXPORT) --prompt "ROMEO:" --max_new_tokens 300 --temperature 0.8 --top_k 40
 
 lint: install

@@ -71,7 +71,7 @@ def args_of(command: str, tmp_path: Path) -> list[str]:
 def test_the_readme_has_the_commands_a_newcomer_types():
     kinds = {c.split()[1] for c in COMMANDS}
     assert {"fit", "generate", "estimate", "plugins", "convert"} <= kinds
-    assert "lightningllm fit --config configs/pretrain/shakespeare-char.yaml" in COMMANDS
+    assert "lightningllm fit --config configs/pretrain/shakespeare-char.yaml --overwrite true" in COMMANDS
     assert any("strategy/fsdp.yaml" in c for c in COMMANDS)
     for command in COMMANDS:  # every command that cannot run here says what it needs next to it in the README
         if need(command):
@@ -128,7 +128,7 @@ def run_fit(command: str, tmp_path: Path, caplog) -> None:
 
 
 FIT = [c for c in COMMANDS if c.split()[1] == "fit"]
-QUICK = {"lightningllm fit --config configs/pretrain/shakespeare-char.yaml"}  # the demo
+QUICK = {"lightningllm fit --config configs/pretrain/shakespeare-char.yaml --overwrite true"}  # the demo
 
 
 @pytest.mark.parametrize("command", [pytest.param(c, marks=[] if c in QUICK else pytest.mark.slow) for c in FIT])
