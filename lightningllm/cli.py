@@ -46,6 +46,11 @@ class PluginAwareParser(LightningArgumentParser):
 _UNKNOWN_PATTERNS = (
     re.compile(r"Unknown (\w+) plugin '([^']+)'"),
     re.compile(r'Parser key "(?:[\w.]*\.)?(\w+)":\s+Expected a dot import path string: (\S+)'),
+    # an optional slot (``head: HeadFactory | None``): the same error inside jsonargparse's report on the union
+    re.compile(
+        r'Parser key "(?:[\w.]*\.)?(\w+)":\s+Does not validate against any of the Union subtypes\s+'
+        r"Subtypes: [^\n]*\s+Errors:\s+- Expected a dot import path string: (\S+)"
+    ),
     re.compile(r"NestedArg\(key='(?:[\w.]*\.)?(\w+)', val='([^']+)'\)"),
 )
 

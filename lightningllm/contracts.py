@@ -443,8 +443,8 @@ def check_model(model: Any, user: str) -> None:
     if missing:
         raise ConfigError(
             f"{user} needs a lightningllm model, but {type(model).__name__} lacks {', '.join(missing)} of the model "
-            f"protocol ({', '.join(MODEL_ATTRIBUTES)}; see lightningllm.contracts.Model). Use Decoder, Encoder, "
-            "EncoderDecoder or PerceiverEncoder from lightningllm.models, or give the module those attributes."
+            "protocol (lightningllm.contracts.Model). Use Decoder, Encoder, EncoderDecoder or PerceiverEncoder from "
+            "lightningllm.models, or give the module those attributes."
         )
 
 

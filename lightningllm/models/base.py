@@ -135,17 +135,21 @@ class TransformerStack(ModelLifecycle, nn.Module):
 
     def make_cache(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
         """One empty cache per block for decoding up to ``max_len`` positions (causal models only)."""
-        if not self.causal:
-            raise ConfigError(
-                f"{type(self).__name__} attends bidirectionally, so it has no key/value cache: every new token would "
-                "change every earlier position. Caches are for causal models (Decoder, EncoderDecoder)."
-            )
+        self.require_causal_for_cache()
         max_len = max_len or self.max_seq_len
         weight = self.embed.weight
         return [
             blk.attention.make_cache(batch_size, max_len, dtype=weight.dtype, device=weight.device)
             for blk in self.blocks
         ]
+
+    def require_causal_for_cache(self) -> None:
+        """Refuse a cache (given or asked for) on a bidirectional model, with the reason."""
+        if not self.causal:
+            raise ConfigError(
+                f"{type(self).__name__} attends bidirectionally, so it has no key/value cache: every new token would "
+                "change every earlier position. Caches are for causal models (Decoder, EncoderDecoder)."
+            )
 
     @property
     def output_norm(self) -> nn.Module:

@@ -140,7 +140,7 @@ class Encoder(TransformerStack):
         x = self.embed_inputs(input_ids, inputs_embeds)  # (B, T, dim)
         T = x.shape[1]
         if cache is not None:
-            self.make_cache(0)  # refuses with the reason
+            self.require_causal_for_cache()
         if positions is None:
             self.position.check_length(T)
             positions = torch.arange(T, device=x.device)[None]  # (1, T)

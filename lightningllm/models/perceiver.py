@@ -270,7 +270,7 @@ class PerceiverEncoder(TransformerStack):
             cache: must stay None (a bidirectional model has no cache).
         """
         if cache is not None:
-            self.make_cache(0)  # refuses with the reason
+            self.require_causal_for_cache()
         if mask is not None:
             attention_mask = mask.padding if attention_mask is None else attention_mask
         return self.encode(input_ids, attention_mask, positions=positions, inputs_embeds=inputs_embeds)[0]
