@@ -24,10 +24,13 @@ from typing import Any
 
 from torch import nn
 
-from lightningllm.config import factory_of, resolve, spec_of
+from lightningllm.config import class_name, factory_of, resolve, spec_of
 from lightningllm.contracts import Head, HeadFactory, NormFactory, Transform
 from lightningllm.errors import ConfigError
 from lightningllm.init import initialize, record_normal_init
+from lightningllm.transforms import Freeze
+
+__all__ = ["Freeze", "ModelLifecycle", "build_transform", "lifecycle_kwargs"]  # Freeze: the built-in transform
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +90,7 @@ class ModelLifecycle:
                 "objects with apply(model) and a config dict, e.g. {class_path: Freeze, init_args: {train: head}}."
             )
         transform.apply(self)
-        self.config["transforms"].append({"class_path": _class_path(type(transform)), "init_args": transform.config})
+        self.config["transforms"].append({"class_path": class_name(type(transform)), "init_args": transform.config})
 
     def record_init(self) -> None:
         """Record the build-time initialisation of every linear and embedding (see :mod:`lightningllm.init`)."""
@@ -116,9 +119,3 @@ def lifecycle_kwargs(config: dict[str, Any]) -> dict[str, Any]:
 def build_transform(spec: dict[str, Any]) -> Transform:
     """A transform from its ``{class_path, init_args}``."""
     return resolve(spec["class_path"], "transform")(**(spec.get("init_args") or {}))
-
-
-def _class_path(cls: type) -> str:
-    from lightningllm.config import class_name
-
-    return class_name(cls)

@@ -69,3 +69,20 @@ def test_freeze_with_a_classification_head_from_yaml_config(decoder_factory):
     head = partial(get("head", "ClassificationHead"), n_classes=2)
     model = decoder_factory(head=head, transforms=[Freeze(train="head")])
     assert trainable(model) == {"head.proj.weight", "head.proj.bias"}
+
+
+def test_head_and_transforms_from_yaml_train_and_are_recorded_in_the_export(write_run, tmp_path):
+    import yaml
+
+    from lightningllm.cli import main
+    from lightningllm.io import load
+
+    transforms = [{"class_path": "Freeze", "init_args": {"train": "last_blocks", "n_blocks": 1}}]
+    main(["fit", "--config", str(write_run(tmp_path, head={"class_path": "LMHead", "init_args": {"bias": True}},
+                                            transforms=transforms)), "--trainer.max_steps=4"])  # fmt: skip
+    config = yaml.safe_load((tmp_path / "export" / "config.yaml").read_text())["init_args"]
+    assert config["head"] == {"class_path": "LMHead", "init_args": {"bias": True}}
+    assert config["transforms"][0]["class_path"] == "Freeze"
+    model, _ = load(tmp_path / "export")
+    chosen = ("blocks.1.", "norm.", "head.", "embed.")  # the head is tied to the embedding (tie_embeddings default)
+    assert trainable(model) == {n for n, _ in model.named_parameters() if n.startswith(chosen)}
