@@ -156,6 +156,7 @@ def run_lightning(args: Sequence[str] | None) -> None:
 
 def list_plugins(args: Sequence[str]) -> None:
     """lightningllm plugins [KIND]: every registered plugin by kind, with its first docstring line."""
+    import_short_names()  # lightningllm's own registered classes (the Freeze transform) besides the plugins
     kinds = list(args) or list(registry.KINDS)
     for kind in kinds:
         names = registry.available(kind)

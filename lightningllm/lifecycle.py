@@ -22,6 +22,7 @@ import logging
 import os
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightningllm.config import class_name, factory_of, resolve, spec_of
@@ -62,7 +63,9 @@ class ModelLifecycle:
             reason: who replaces it and why, for the log.
         """
         old = type(self.head).__name__
-        self.head = self._make_head(head)
+        like = next(self.parameters())
+        with torch.device(like.device):  # beside the model (the meta device too, for FSDP to materialise)
+            self.head = self._make_head(head).to(dtype=like.dtype)
         record_normal_init(self.head, self.init_std, self.n_layers)
         initialize(self.head.modules())
         self.config["head"] = spec_of(head)

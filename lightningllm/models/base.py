@@ -99,7 +99,7 @@ class TransformerStack(ModelLifecycle, nn.Module):
             "init_std": init_std, "overrides": [_override_spec(o) for o in overrides],
         }  # fmt: skip
         self.vocab_size, self.dim, self.n_layers, self.max_seq_len = vocab_size, dim, n_layers, max_seq_len
-        self.init_std, self.tie_embeddings, self.norm_factory = init_std, tie_embeddings, norm
+        self.init_std = init_std
 
         self.embed = nn.Embedding(vocab_size, dim)
         self.position = position(dim=dim, n_heads=n_heads, head_dim=dim // n_heads, max_seq_len=max_seq_len)
