@@ -129,7 +129,7 @@ class Float8Training(L.Callback):
 
     At setup, before any strategy wraps the model, every ``nn.Linear`` whose two sizes are multiples of 16
     becomes a ``Float8Linear`` (dynamic tensorwise scaling by default); the layers named in ``skip`` (the
-    language-model head by default, where fp8 costs the most accuracy) stay in the Trainer's precision.
+    model's head by default, where fp8 costs the most accuracy) stay in the Trainer's precision.
     Use it with ``precision: bf16-mixed`` or ``bf16-true``. It needs a CUDA GPU with fp8 tensor cores
     (compute capability 8.9 or higher: H100, H200, L4, RTX 4090) and ``pip install torchao``; anywhere
     else it refuses before training starts. Combine it with ``compile: true`` for the speed-up: eager
@@ -142,7 +142,7 @@ class Float8Training(L.Callback):
 
     def __init__(self, recipe: str = "tensorwise", skip: list[str] | None = None) -> None:
         self.recipe = recipe
-        self.skip = set(skip if skip is not None else ["lm_head"])
+        self.skip = set(skip if skip is not None else ["head"])
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         check_float8_support(trainer.strategy.root_device)

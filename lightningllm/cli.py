@@ -53,6 +53,11 @@ class PluginAwareParser(LightningArgumentParser, ShortErrors):
 _UNKNOWN_PATTERNS = (
     re.compile(r"Unknown (\w+) plugin '([^']+)'"),
     re.compile(r'Parser key "(?:[\w.]*\.)?(\w+)":\s+Expected a dot import path string: (\S+)'),
+    # an optional slot (``head: HeadFactory | None``): the same error inside jsonargparse's report on the union
+    re.compile(
+        r'Parser key "(?:[\w.]*\.)?(\w+)":\s+Does not validate against any of the Union subtypes\s+'
+        r"Subtypes: [^\n]*\s+Errors:\s+- Expected a dot import path string: (\S+)"
+    ),
     re.compile(r"NestedArg\(key='(?:[\w.]*\.)?(\w+)', val='([^']+)'\)"),
 )
 
@@ -326,6 +331,7 @@ def _parser_kwargs() -> dict:
 
 def list_plugins(args: Sequence[str]) -> None:
     """lightningllm plugins [KIND ...]: every registered plugin by kind, with its first docstring line."""
+    import_short_names()  # lightningllm's own registered classes (the Freeze transform) besides the plugins
     parser = CommandParser(prog="lightningllm plugins", description=SUMMARIES["plugins"])
     parser.add_argument(
         "kinds", nargs="*", default=[], help=f"Plugin kinds to list (default: all of {', '.join(registry.KINDS)})."

@@ -12,7 +12,7 @@ init_args: {qk_norm: true}}`` becomes ``partial(MultiHeadAttention, qk_norm=True
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,9 @@ from torch import Tensor, nn
 from lightningllm.cache import KVCache
 from lightningllm.errors import ConfigError
 from lightningllm.mask import AttentionMask
+
+#: The label that losses skip (padding, prompt tokens, unselected positions); PyTorch's cross-entropy default.
+IGNORE_INDEX = -100
 
 
 class Position(nn.Module):
@@ -332,6 +335,117 @@ class BlockFactory(Protocol):
         cross_attention: Attention | None = None,
         norm_cross: Norm | None = None,
     ) -> Block: ...
+
+
+class Head(nn.Module):
+    """What a model computes from its final hidden states: token logits, class logits, a score.
+
+    A model holds exactly one head in its ``head`` slot (built from its config, so ``export`` ->
+    ``load`` rebuilds it); a task that needs another one calls the model's ``replace_head``.
+    Parameters: ``reset_parameters()`` initialises the head's own (the model's build-time rule
+    covers its ``nn.Linear`` children, see :mod:`lightningllm.init`).
+    """
+
+    def forward(self, hidden: Tensor, *, padding: Tensor | None = None) -> Tensor:
+        """hidden: (B, T, dim) -> the head's output ((B, T, vocab_size), (B, n_classes), (B,), ...).
+
+        Args:
+            hidden: the backbone's final hidden states.
+            padding: (B, T) bool, True at real tokens (None: every token is real); pooling heads read it.
+        """
+        raise NotImplementedError
+
+
+class HeadFactory(Protocol):
+    """The model passes its structure; YAML gives only the head's own knobs (``n_classes``, ``pooling``)."""
+
+    def __call__(
+        self, *, dim: int, vocab_size: int, norm: NormFactory, embedding: nn.Embedding | None, logit_scale: float
+    ) -> Head: ...
+
+
+class Transform:
+    """A change applied to a built model after its start weights: freezing, adapters, weight quantisation.
+
+    A transform acts on the built model by module-name patterns (PEFT's way: wrap the target module,
+    keep the original as ``base_layer``) and is recorded in the model's config as ``{class_path,
+    init_args}``, so ``from_config`` re-applies it and ``export`` -> ``load`` rebuilds the same module
+    tree. Modules it adds initialise themselves through their own ``reset_parameters()`` (on the CPU
+    path now, on the meta-device path when FSDP materialises them); nothing re-initialises the model.
+
+    Subclasses set :attr:`config` to their init arguments (plain YAML values).
+    """
+
+    config: dict = {}
+
+    def apply(self, model: nn.Module) -> None:
+        """Change ``model`` in place."""
+        raise NotImplementedError
+
+
+class Model(Protocol):
+    """What tasks, generation and estimate may rely on, for Decoder, Encoder, EncoderDecoder and PerceiverEncoder.
+
+    Attributes:
+        dim: width of the hidden states.
+        vocab_size: rows of the token embedding.
+        n_layers: blocks (of the decoder stack, for an encoder-decoder).
+        max_seq_len: the longest sequence the positional plugin encodes.
+        causal: whether the output at position t depends only on inputs <= t (so it can cache).
+        config: plain-data description; ``type(model).from_config(config)`` rebuilds the same model.
+        head: the :class:`Head` in the model's head slot; ``forward`` returns its output.
+    """
+
+    dim: int
+    vocab_size: int
+    n_layers: int
+    max_seq_len: int
+    causal: bool
+    config: dict[str, Any]
+    head: Head
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Model: ...
+
+    def hidden_states(
+        self,
+        input_ids: Tensor | None = None,
+        *,
+        inputs_embeds: Tensor | None = None,
+        mask: AttentionMask | None = None,
+        positions: Tensor | None = None,
+        cache: list[KVCache] | None = None,
+    ) -> Tensor:
+        """input_ids (B, T) or inputs_embeds (B, T, dim) -> final hidden states (B, T, dim) (Perceiver: latents)."""
+        ...
+
+    def make_cache(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
+        """Empty decoding caches; a bidirectional model refuses with the reason."""
+        ...
+
+    def replace_head(self, head: HeadFactory, reason: str) -> Head:
+        """Swap in a new head (see :class:`~lightningllm.lifecycle.ModelLifecycle`)."""
+        ...
+
+
+MODEL_ATTRIBUTES = ("dim", "vocab_size", "n_layers", "max_seq_len", "causal", "config", "head", "from_config",
+                    "hidden_states", "make_cache", "replace_head")  # fmt: skip
+
+
+def check_model(model: Any, user: str) -> None:
+    """Refuse, before training, a module that does not meet the :class:`Model` protocol, naming what it lacks.
+
+    Args:
+        model: the module a task or tool was given.
+        user: who needs it, for the message (``"CausalLM"``).
+    """
+    missing = [name for name in MODEL_ATTRIBUTES if not hasattr(model, name)]
+    if missing:
+        raise ConfigError(
+            f"{user} needs a lightningllm model, but {type(model).__name__} lacks {', '.join(missing)} of the model "
+            "protocol (lightningllm.contracts.Model). Use Decoder, Encoder, EncoderDecoder or PerceiverEncoder from "
+            "lightningllm.models, or give the module those attributes."
+        )
 
 
 class Adapter:

@@ -9,7 +9,6 @@ when the strategy sets it up.
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Any, Literal
 
@@ -91,67 +90,63 @@ def _call_with_symbolic_module_ints(compiled: Any, *args: Any, **kwargs: Any) ->
         return compiled(*args, **kwargs)
 
 
-def materialize_unit(unit: nn.Module, device: torch.device, stacks: list[nn.Module]) -> None:
-    """Give the meta tensors of one FSDP unit real storage on ``device`` and our initialisation.
+def materialize_unit(unit: nn.Module, device: torch.device) -> None:
+    """Give the meta tensors of one FSDP unit real storage on ``device``, each module initialised by its own rule.
 
-    ``unit`` is the module FSDP is about to shard, without the units already wrapped inside it. Its
-    modules get storage (``to_empty``), then the rule of the :class:`~lightningllm.models.base.TransformerStack`
-    they belong to, restricted to them: Normal(0, ``init_std``) linears and embeddings (residual outputs
-    scaled by ``1 / sqrt(2 * n_layers)``), zero biases, then each plugin's own ``reset_parameters``.
-    Modules outside any stack get their own ``reset_parameters``. Parameters shared by several modules
-    (tied embeddings) stay shared. Does nothing when ``unit`` holds no meta tensor. Called by FSDP as its
-    ``param_init_fn`` on every module of a unit, parents first: the first call, on the unit's root, does
-    the whole unit.
+    ``unit`` is the module FSDP is about to shard, without the units already wrapped inside it. Only
+    meta tensors get storage; real ones (start weights loaded over a meta-built model) stay as they
+    are. A module is initialised (:func:`lightningllm.init.initialize`: the rule recorded on each
+    linear and embedding when the model was built, ``reset_parameters()`` for the others) when it
+    holds a meta tensor itself, or when everything under it was meta (so a plugin's rule may refine
+    its fresh children, as a mixture-of-experts layer does for its router). Nothing is initialised
+    by its name: a module a transform added keeps its own rule (an adapter's zero ``B`` stays zero).
+    Parameters shared by several modules (tied embeddings) stay shared. Does nothing when ``unit``
+    holds no meta tensor. Called by FSDP as its ``param_init_fn`` on every module of a unit, parents
+    first: the first call, on the unit's root, does the whole unit.
 
     Args:
         unit: the module FSDP wraps next.
         device: where its tensors are materialised.
-        stacks: every ``TransformerStack`` of the model, outermost first.
     """
     from torch.distributed.fsdp._common_utils import _get_module_fsdp_state
 
-    from lightningllm.models.base import RESIDUAL_OUTPUTS
+    from lightningllm.init import initialize
 
     modules, queue = [], [unit]  # the unit's own modules, not those of units already wrapped inside it
     while queue:
         module = queue.pop(0)
         modules.append(module)
         queue += [child for child in module.children() if _get_module_fsdp_state(child) is None]
-    on_meta = [m for m in modules if any(t.is_meta for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])]
-    if not on_meta:
+    own = {id(m): [*m.parameters(recurse=False), *m.buffers(recurse=False)] for m in modules}
+    if not any(t.is_meta for tensors in own.values() for t in tensors):
         return
-    owner: dict[int, nn.Module] = {}
-    for stack in stacks:  # the innermost stack holding a module gives its rule
-        owner.update({id(m): stack for m in stack.modules()})
-    shared: dict[int, list[tuple[nn.Module, str]]] = {}
-    for module in on_meta:
-        for name, param in module.named_parameters(recurse=False):
-            shared.setdefault(id(param), []).append((module, name))
+    members = {id(m) for m in modules}
+    counts: dict[int, tuple[int, int]] = {}  # (meta tensors, tensors) under each module, within the unit
+    for module in reversed(modules):  # children first
+        below = [counts[id(c)] for c in module.children() if id(c) in members]
+        counts[id(module)] = (
+            sum(t.is_meta for t in own[id(module)]) + sum(meta for meta, _ in below),
+            len(own[id(module)]) + sum(total for _, total in below),
+        )
     with torch.no_grad():
-        for module in on_meta:
-            module.to_empty(device=device, recurse=False)
-        for users in shared.values():  # to_empty replaced each module's parameter with its own: share again
-            first_module, first_name = users[0]
-            for module, name in users[1:]:
-                setattr(module, name, getattr(first_module, first_name))
-        names = {id(m): name for name, m in unit.named_modules()}
-        for module in modules:
-            stack = owner.get(id(module))
-            if stack is not None and isinstance(module, (nn.Linear, nn.Embedding)):
-                residual = names.get(id(module), "").rsplit(".", 1)[-1] in RESIDUAL_OUTPUTS
-                std = stack.init_std / math.sqrt(2 * stack.n_layers) if residual else stack.init_std
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-        # then the plugins' own rules, which may override the defaults for their parameters; not the stacks' own
-        # rule, nor that of any module holding an already sharded unit, whose reset would reach into the shards
-        for module in modules:
-            if (id(module) in owner and isinstance(module, (nn.Linear, nn.Embedding))) or module in stacks:
-                continue
-            if any(_get_module_fsdp_state(m) is not None for m in module.modules() if m is not module):
-                continue
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+        _to_empty_meta_only(modules, device)
+    fresh = [m for m in modules if any(t.is_meta for t in own[id(m)]) or 0 < counts[id(m)][1] == counts[id(m)][0]]
+    initialize(fresh)
+
+
+def _to_empty_meta_only(modules: list[nn.Module], device: torch.device) -> None:
+    """Real storage for each meta parameter and buffer of ``modules``; shared parameters stay shared."""
+    replaced: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.is_meta:
+                if id(param) not in replaced:
+                    empty = torch.empty_like(param, device=device)
+                    replaced[id(param)] = nn.Parameter(empty, requires_grad=param.requires_grad)
+                setattr(module, name, replaced[id(param)])
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None and buffer.is_meta:
+                module._buffers[name] = torch.empty_like(buffer, device=device)
 
 
 def prepare_blocks(model: nn.Module, *, activation_checkpointing: bool = False, compile: bool = False) -> None:
@@ -192,7 +187,7 @@ class FSDPStrategy(LightningFSDPStrategy):
 
     A model built on the meta device (``with trainer.init_module(empty_init=True):`` or in a task's
     ``configure_model``) is materialised unit by unit as FSDP shards it: each module gets
-    ``to_empty`` and its ``reset_parameters()``.
+    storage and its own initialisation (:func:`materialize_unit`).
 
     Args:
         activation_checkpointing: recompute each ``Block`` in the backward pass, applied after wrapping
@@ -252,9 +247,7 @@ class FSDPStrategy(LightningFSDPStrategy):
         if self.checkpoint_blocks and not self._activation_checkpointing_kwargs:
             self._activation_checkpointing_kwargs = {"check_fn": lambda module: isinstance(module, Block)}
         if "param_init_fn" not in self.kwargs and _has_meta_tensors(model):
-            self.kwargs["param_init_fn"] = partial(
-                materialize_unit, device=self.root_device, stacks=[m for m in model.modules() if _is_stack(m)]
-            )
+            self.kwargs["param_init_fn"] = partial(materialize_unit, device=self.root_device)
         if self.root_device.type == "cpu":
             model = self._wrap_on_cpu(model)
         return super()._setup_model(model)
@@ -276,9 +269,3 @@ class FSDPStrategy(LightningFSDPStrategy):
 
 def _has_meta_tensors(model: nn.Module) -> bool:
     return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
-
-
-def _is_stack(module: nn.Module) -> bool:
-    from lightningllm.models.base import TransformerStack
-
-    return isinstance(module, TransformerStack)

@@ -91,17 +91,31 @@ def from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Conversion
     hf_dir = Path(hf_dir)
     check_target(out_dir)  # refuse a folder of someone else's files before the conversion's work
     hf_config = read_config(hf_dir)
+    notes: list[str] = []
+    model, family = _read_model(hf_dir, hf_config, notes)
+    tokenizer = _read_tokenizer(hf_dir, hf_config, notes)
+    export(model, out_dir, tokenizer=tokenizer)
+    return Conversion(Path(out_dir), family.model_type, notes)
+
+
+def read_hf(hf_dir: str | os.PathLike) -> nn.Module:
+    """The model of a Hugging Face folder, converted in memory (what ``start_weights: HF_DIR`` loads).
+
+    Raises:
+        ConversionError: as :func:`from_hf`.
+    """
+    hf_dir = Path(hf_dir)
+    return _read_model(hf_dir, read_config(hf_dir), [])[0]
+
+
+def _read_model(hf_dir: Path, hf_config: dict[str, Any], notes: list[str]) -> tuple[nn.Module, Family]:
     family = family_of(hf_config, hf_dir)
     config = our_config(family, hf_config, source=str(hf_dir))
-    notes: list[str] = []
     with _checkpoint(hf_dir) as tensors:
         if family.from_weights is not None:
             for path, value in family.from_weights(frozenset(tensors)).items():
                 set_path(config, path, value)
-        model = _build_loaded(family, config, tensors, notes, source=str(hf_dir))
-    tokenizer = _read_tokenizer(hf_dir, hf_config, notes)
-    export(model, out_dir, tokenizer=tokenizer)
-    return Conversion(Path(out_dir), family.model_type, notes)
+        return _build_loaded(family, config, tensors, notes, source=str(hf_dir)), family
 
 
 def read_config(hf_dir: Path) -> dict[str, Any]:
@@ -444,10 +458,12 @@ def to_hf(
     canonical, aliases = _canonical_names(model)
     plan, _ = _plan(table, canonical, aliases, model.config)
     state = model.state_dict()
+    base = table.base_architecture is not None and hf_config.get("architectures") == [table.base_architecture]
     tensors = {}
     for hf_name, ours, weight in plan:
         tensor = _to_hf(state, ours, weight)
         for i, name in enumerate(_hf_names(hf_name, weight)):
+            name = name.removeprefix(table.hf_prefix) if base else name  # a base model's own names
             tensors[name] = tensor if i == 0 else tensor.clone()  # safetensors stores no shared tensors
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     hf_config = {

@@ -191,6 +191,7 @@ class Family:
     ignored_weights: dict[str, str] = field(default_factory=dict)
     weight_renames: tuple[tuple[str, str], ...] = ()
     from_weights: Callable[[frozenset[str]], dict[str, Any]] | None = None
+    base_architecture: str | None = None
 
     @property
     def model_class(self) -> type:

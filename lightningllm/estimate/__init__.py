@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lightningllm.contracts import check_model
 from lightningllm.estimate.memory import PRECISIONS, Sharding, TrainingMemory, training_memory
 from lightningllm.estimate.parameters import ParameterCount, count_parameters
 from lightningllm.estimate.trace import StepTrace, meta_copy, trace_step
@@ -84,6 +85,7 @@ class Estimate:
 
 def estimate(model: nn.Module, shape: RunShape) -> Estimate:
     """Estimate ``model`` trained as ``shape`` says; ``model`` may live on the meta device and is not changed."""
+    check_model(model, "estimate")
     counts = count_parameters(model)
     activation_dtype = PRECISIONS[shape.precision][1]
     trace: StepTrace = trace_step(model, shape.batch_size, shape.seq_len, dtype=activation_dtype)
@@ -95,7 +97,7 @@ def estimate(model: nn.Module, shape: RunShape) -> Estimate:
         flops_per_token_traced=trace.flops / (shape.batch_size * shape.seq_len),
         kv_bytes_per_token=per_token,
         kv_bytes_fixed=fixed,
-        max_seq_len=getattr(model, "max_seq_len", shape.seq_len),
+        max_seq_len=model.max_seq_len,
         memory=training_memory(
             counts.total, trace, precision=shape.precision, optimizer_states=shape.optimizer_states,
             sharding=shape.sharding, checkpointing=shape.checkpointing,
@@ -110,8 +112,7 @@ def flops_per_token(counts: ParameterCount, model: nn.Module, seq_len: int) -> f
     the attention width and ``T`` the sequence length; the second term is attention's scores and
     weighted sum (forward ``4 L d T``, backward twice that), causal masking not discounted.
     """
-    n_layers, dim = getattr(model, "n_layers", 0), getattr(model, "dim", 0)
-    return 6 * (counts.active - counts.lookup) + 12 * n_layers * dim * seq_len
+    return 6 * (counts.active - counts.lookup) + 12 * model.n_layers * model.dim * seq_len
 
 
 def kv_cache_bytes(model: nn.Module, dtype: torch.dtype) -> tuple[int, int]:
@@ -120,9 +121,9 @@ def kv_cache_bytes(model: nn.Module, dtype: torch.dtype) -> tuple[int, int]:
     Measured from the caches the model's attention plugins build on the meta device, so a latent cache
     (MLA) or a running state (linear attention, all fixed) is counted as what it is.
     """
-    if not hasattr(model, "make_cache"):
+    if not model.causal:  # a bidirectional model never decodes token by token
         return 0, 0
-    length = max(2, getattr(model, "max_seq_len", 2))
+    length = max(2, model.max_seq_len)
     meta = meta_copy(model, dtype)
     short, long = _bytes(meta.make_cache(1, 1)), _bytes(meta.make_cache(1, length))
     per_token = (long - short) // (length - 1)

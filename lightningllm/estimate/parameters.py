@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from lightningllm.contracts import Attention, FeedForward, Norm, Position
+from lightningllm.contracts import Attention, FeedForward, Head, Norm, Position
 
 COMPONENTS = ("embeddings", "attention", "ffn", "norms", "head", "other")
 NORM_TYPES = (Norm, nn.LayerNorm, nn.RMSNorm)
@@ -61,6 +61,8 @@ def _component_of_each_parameter(model: nn.Module) -> dict[int, tuple[nn.Paramet
 
 
 def _component(name: str, module: nn.Module) -> str | None:
+    if isinstance(module, Head):
+        return "head"
     if isinstance(module, (nn.Embedding, Position)):
         return "embeddings"
     if isinstance(module, Attention):
@@ -69,8 +71,6 @@ def _component(name: str, module: nn.Module) -> str | None:
         return "ffn"
     if isinstance(module, NORM_TYPES):
         return "norms"
-    if name.rsplit(".", 1)[-1] in ("lm_head", "transform"):
-        return "head"
     return None
 
 

@@ -15,7 +15,6 @@ of the measured peak, with and without checkpointing (``tests/estimate``).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -85,12 +84,10 @@ def trace_step(model: nn.Module, batch_size: int, seq_len: int, dtype: torch.dty
 def meta_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A copy of ``model`` on the meta device in ``dtype``; ``model`` itself is not changed.
 
-    Models with ``from_config`` are rebuilt there directly (no memory at all); others are deep-copied.
+    The model is rebuilt there from its config (the model protocol's ``from_config``): no memory at all.
     """
-    if hasattr(model, "from_config"):
-        with torch.device("meta"):
-            return type(model).from_config(model.config).to(dtype=dtype)
-    return copy.deepcopy(model).to(device="meta", dtype=dtype)
+    with torch.device("meta"):
+        return type(model).from_config(model.config).to(dtype=dtype)
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:

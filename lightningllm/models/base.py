@@ -7,7 +7,6 @@ inputs and heads on top of :class:`TransformerStack`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +24,8 @@ from lightningllm.contracts import (
     PositionFactory,
 )
 from lightningllm.errors import ConfigError
+from lightningllm.init import RESIDUAL_OUTPUTS
+from lightningllm.lifecycle import ModelLifecycle, lifecycle_kwargs
 from lightningllm.mask import AttentionMask
 
 
@@ -44,15 +45,16 @@ class LayerOverride:
 
 
 SLOTS = {"attention": "attention", "ffn": "ffn", "norm": "norm", "position": "position", "block": "block"}
-RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
+__all__ = ["RESIDUAL_OUTPUTS", "LayerOverride", "TransformerStack", "factories_from_config", "query_padding"]
 
 
-class TransformerStack(nn.Module):
+class TransformerStack(ModelLifecycle, nn.Module):
     """Token embedding, positional plugin, ``n_layers`` blocks and the final norm; no head.
 
     A subclass passes its own knobs in ``extra_config`` (recorded in :attr:`config`, so
-    :meth:`from_config` rebuilds it) and builds its inputs and head after calling this
-    ``__init__``, then calls :meth:`reset_parameters`. Arguments as in
+    :meth:`from_config` rebuilds it) and builds its inputs after calling this ``__init__``, then
+    its head (:meth:`~lightningllm.lifecycle.ModelLifecycle.build_head`) and the rest of the
+    lifecycle (:meth:`~lightningllm.lifecycle.ModelLifecycle.finish_build`). Arguments as in
     :class:`~lightningllm.models.Decoder`.
     """
 
@@ -133,20 +135,37 @@ class TransformerStack(nn.Module):
         """Rebuild from :attr:`config` (plugin specs as ``{class_path, init_args}``)."""
         return cls(**factories_from_config(config))
 
-    def reset_parameters(self) -> None:
-        """Normal(0, init_std) linears and embeddings, scaled residual outputs, plugins' own rules."""
-        residual_std = self.init_std / math.sqrt(2 * self.n_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                std = residual_std if name.rsplit(".", 1)[-1] in RESIDUAL_OUTPUTS else self.init_std
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-        # then each plugin's own rule, which may override the defaults above for its own parameters
-        for module in self.modules():
-            if module is not self and not isinstance(module, (nn.Linear, nn.Embedding)):
-                if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
+    def make_cache(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
+        """One empty cache per block for decoding up to ``max_len`` positions (causal models only)."""
+        self.require_causal_for_cache()
+        max_len = max_len or self.max_seq_len
+        weight = self.embed.weight
+        return [
+            blk.attention.make_cache(batch_size, max_len, dtype=weight.dtype, device=weight.device)
+            for blk in self.blocks
+        ]
+
+    def require_causal_for_cache(self) -> None:
+        """Refuse a cache (given or asked for) on a bidirectional model, with the reason."""
+        if not self.causal:
+            raise ConfigError(
+                f"{type(self).__name__} attends bidirectionally, so it has no key/value cache: every new token would "
+                "change every earlier position. Caches are for causal models (Decoder, EncoderDecoder)."
+            )
+
+    @property
+    def output_norm(self) -> nn.Module:
+        """The norm after the last block (an identity for post-norm layouts)."""
+        return self.norm
+
+    def embed_inputs(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
+        """Exactly one of input_ids (B, T) and inputs_embeds (B, T, dim) -> token embeddings (B, T, dim)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ConfigError(
+                f"{type(self).__name__}.hidden_states takes exactly one of input_ids (B, T) token ids or inputs_embeds "
+                "(B, T, dim) embeddings (prompt tuning feeds the latter)."
+            )
+        return self.embed(input_ids) if inputs_embeds is None else inputs_embeds
 
     def run_blocks(
         self,
@@ -184,6 +203,11 @@ class TransformerStack(nn.Module):
         return type(self.blocks[0])
 
 
+def query_padding(mask: AttentionMask | None, T: int) -> Tensor | None:
+    """The padding of the last T keys (the queries of this call, after any cached ones): (B, T) bool or None."""
+    return None if mask is None or mask.padding is None else mask.padding[:, -T:]
+
+
 def factories_from_config(config: dict[str, Any]) -> dict[str, Any]:
     """A stack's keyword arguments from its config: plugin specs become factories, overrides :class:`LayerOverride`."""
     kwargs = dict(config)
@@ -192,7 +216,7 @@ def factories_from_config(config: dict[str, Any]) -> dict[str, Any]:
     if kwargs.get("cross_attention") is not None:
         kwargs["cross_attention"] = factory_of(kwargs["cross_attention"], "attention")
     kwargs["overrides"] = [_as_override(o) for o in kwargs.get("overrides") or []]
-    return kwargs
+    return {**kwargs, **lifecycle_kwargs(kwargs)} if "head" in kwargs else kwargs
 
 
 def _as_override(override: LayerOverride | dict[str, Any]) -> LayerOverride:
@@ -235,6 +259,7 @@ STRUCTURAL = {
     "norm": ("dim",),
     "position": ("dim", "n_heads", "head_dim", "max_seq_len"),
     "block": ("attention", "ffn", "norm_1", "norm_2", "dropout", "dim", "cross_attention", "norm_cross"),
+    "head": ("dim", "vocab_size", "norm", "embedding", "logit_scale"),
 }
 
 

@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightningllm.cache import KVCache
 from lightningllm.contracts import (
     AttentionFactory,
     BlockFactory,
     FeedForwardFactory,
+    HeadFactory,
     NormFactory,
     PositionFactory,
+    Transform,
 )
 from lightningllm.mask import AttentionMask
-from lightningllm.models.base import LayerOverride, TransformerStack
+from lightningllm.models.base import LayerOverride, TransformerStack, query_padding
 
 __all__ = ["Decoder", "LayerOverride"]
 
 
 class Decoder(TransformerStack):
-    """Token embedding, ``n_layers`` blocks, final norm and language-model head.
+    """Token embedding, ``n_layers`` blocks, final norm and a head (the language-model head by default).
 
     Args:
         vocab_size: rows of the embedding and the head.
@@ -42,6 +46,10 @@ class Decoder(TransformerStack):
         init_std: std of the normal initialisation; residual output projections
             (``o_proj``, ``down_proj``) get ``init_std / sqrt(2 * n_layers)`` (GPT-2).
         overrides: other attention or feed-forward plugins for some layers.
+        head: factory of the head plugin, called with dim, vocab_size, norm, embedding (when tied) and
+            logit_scale (None: ``LMHead``).
+        start_weights: an export folder or a Hugging Face folder to start from (None: random init).
+        transforms: applied after the start weights, in order (freezing, adapters).
     """
 
     causal = True  # each position sees only itself and earlier ones
@@ -66,59 +74,57 @@ class Decoder(TransformerStack):
         scale_logits: bool = False,
         init_std: float = 0.02,
         overrides: list[LayerOverride] | None = None,
+        head: HeadFactory | None = None,
+        start_weights: str | os.PathLike | None = None,
+        transforms: list[Transform] | None = None,
     ) -> None:
         super().__init__(
             vocab_size, dim, n_layers, n_heads, attention, ffn, norm, position, block, n_kv_heads, hidden_dim,
             max_seq_len, dropout, attention_dropout, tie_embeddings, init_std, overrides,
             extra_config={"scale_logits": scale_logits},
         )  # fmt: skip
-        self.logit_scale = dim**-0.5 if scale_logits else 1.0
-        self.lm_head = nn.Linear(dim, vocab_size, bias=False)
-        if tie_embeddings:
-            self.lm_head.weight = self.embed.weight
-        self.reset_parameters()
-
-    def make_cache(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
-        """One empty cache per block for decoding up to ``max_len`` positions."""
-        max_len = max_len or self.max_seq_len
-        weight = self.embed.weight
-        return [
-            blk.attention.make_cache(batch_size, max_len, dtype=weight.dtype, device=weight.device)
-            for blk in self.blocks
-        ]
+        self.build_head(head, norm=norm, embedding=self.embed if tie_embeddings else None,
+                        logit_scale=dim**-0.5 if scale_logits else 1.0)  # fmt: skip
+        self.finish_build(start_weights, transforms)
 
     def hidden_states(
         self,
-        input_ids: Tensor,
+        input_ids: Tensor | None = None,
         *,
+        inputs_embeds: Tensor | None = None,
         mask: AttentionMask | None = None,
         positions: Tensor | None = None,
         cache: list[KVCache] | None = None,
     ) -> Tensor:
-        """input_ids: (B, T) -> final-normed hidden states (B, T, dim).
+        """input_ids: (B, T) (or inputs_embeds: (B, T, dim)) -> final-normed hidden states (B, T, dim).
 
         Args:
+            input_ids: token ids; give these or ``inputs_embeds``.
+            inputs_embeds: token embeddings (B, T, dim) instead of ids (prompt tuning).
             mask: defaults to plain causal attention.
             positions: (B or 1, T) absolute positions; default continues after the cache.
             cache: from :meth:`make_cache`; filled in place.
         """
-        T = input_ids.shape[1]
+        x = self.embed_inputs(input_ids, inputs_embeds)  # (B, T, dim)
+        T = x.shape[1]
         offset = cache[0].length if cache else 0
         if positions is None:
             self.position.check_length(offset + T)
-            positions = torch.arange(offset, offset + T, device=input_ids.device)[None]
+            positions = torch.arange(offset, offset + T, device=x.device)[None]
         mask = mask if mask is not None else AttentionMask(causal=True)
-        x = self.dropout(self.position.embed(self.embed(input_ids), positions))  # (B, T, dim)
+        x = self.dropout(self.position.embed(x, positions))  # (B, T, dim)
         return self.run_blocks(x, positions=positions, mask=mask, cache=cache)
 
     def forward(
         self,
-        input_ids: Tensor,
+        input_ids: Tensor | None = None,
         *,
+        inputs_embeds: Tensor | None = None,
         mask: AttentionMask | None = None,
         positions: Tensor | None = None,
         cache: list[KVCache] | None = None,
     ) -> Tensor:
-        """input_ids: (B, T) -> logits (B, T, vocab_size); arguments as in :meth:`hidden_states`."""
-        h = self.hidden_states(input_ids, mask=mask, positions=positions, cache=cache)
-        return self.lm_head(h) * self.logit_scale if self.logit_scale != 1.0 else self.lm_head(h)
+        """input_ids: (B, T) -> the head's output (LMHead: logits (B, T, vocab_size)); arguments as in
+        :meth:`hidden_states`."""
+        h = self.hidden_states(input_ids, inputs_embeds=inputs_embeds, mask=mask, positions=positions, cache=cache)
+        return self.head(h, padding=query_padding(mask, h.shape[1]))

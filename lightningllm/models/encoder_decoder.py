@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -10,13 +11,18 @@ from torch import Tensor, nn
 from lightningllm.cache import KVCache
 from lightningllm.config import factory_of, import_class, spec_of
 from lightningllm.contracts import (
+    IGNORE_INDEX,
     AttentionFactory,
     BlockFactory,
     FeedForwardFactory,
+    HeadFactory,
     NormFactory,
     PositionFactory,
+    Transform,
 )
 from lightningllm.errors import ConfigError
+from lightningllm.init import initialize
+from lightningllm.lifecycle import ModelLifecycle
 from lightningllm.mask import AttentionMask
 from lightningllm.models.base import (
     LayerOverride,
@@ -27,8 +33,6 @@ from lightningllm.models.base import (
 )
 
 __all__ = ["ConditionedDecoder", "EncoderDecoder", "EncoderDecoderCache", "EncoderStack"]
-
-IGNORE_INDEX = -100
 
 
 class EncoderStack(TransformerStack):
@@ -41,18 +45,23 @@ class EncoderStack(TransformerStack):
 
     causal = False  # every source position sees the whole source
 
-    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def encode(
+        self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, *,
+        inputs_embeds: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
         """input_ids: (B, S) -> (context (B, S, dim), context_padding (B, S) bool or None).
 
         Args:
-            input_ids: source token ids.
+            input_ids: source token ids; give these or ``inputs_embeds`` (B, S, dim).
             attention_mask: (B, S) bool or 0/1, True (1) at real tokens; padded source tokens are never
                 attended to (here or by the decoder's cross-attention). None: every token is real.
+            inputs_embeds: source embeddings instead of ids.
         """
-        S = input_ids.shape[1]
+        x = self.embed_inputs(input_ids, inputs_embeds)  # (B, S, dim)
+        S = x.shape[1]
         self.position.check_length(S)
-        positions = torch.arange(S, device=input_ids.device)[None]  # (1, S)
-        x = self.dropout(self.position.embed(self.embed(input_ids), positions))  # (B, S, dim)
+        positions = torch.arange(S, device=x.device)[None]  # (1, S)
+        x = self.dropout(self.position.embed(x, positions))  # (B, S, dim)
         padding = None if attention_mask is None else attention_mask.to(torch.bool)  # (B, S)
         h = self.run_blocks(x, positions=positions, mask=AttentionMask(causal=False, padding=padding))
         return h, padding
@@ -76,7 +85,7 @@ class EncoderDecoderCache(list):
         self.cross_attention = list(cross_attention)
 
 
-class EncoderDecoder(nn.Module):
+class EncoderDecoder(ModelLifecycle, nn.Module):
     """Encoder stack, decoder stack with cross-attention, and a language-model head.
 
     Vaswani et al. (2017), "Attention Is All You Need"; T5 (Raffel et al., 2020, section 3.1). The
@@ -137,6 +146,10 @@ class EncoderDecoder(nn.Module):
         decoder_start_id: first decoder input, before the shifted target (T5 uses <pad>; the
             default is lightningllm's <bos>).
         pad_id: what :meth:`shift_right` writes where labels are -100.
+        head: factory of the head plugin on the decoder output, called with dim, vocab_size, norm,
+            embedding (when tied) and logit_scale (None: ``LMHead``).
+        start_weights: an export folder or a Hugging Face folder to start from (None: random init).
+        transforms: applied after the start weights, in order (freezing, adapters).
     """
 
     causal = True  # of the output: target position t sees decoder inputs <= t (and the whole source)
@@ -168,6 +181,9 @@ class EncoderDecoder(nn.Module):
         encoder_overrides: list[LayerOverride] | None = None,
         decoder_start_id: int = 2,
         pad_id: int = 0,
+        head: HeadFactory | None = None,
+        start_weights: str | os.PathLike | None = None,
+        transforms: list[Transform] | None = None,
     ) -> None:
         super().__init__()
         _check_ids(vocab_size, decoder_start_id, pad_id)
@@ -194,10 +210,6 @@ class EncoderDecoder(nn.Module):
         )  # fmt: skip
         if encoder is None:
             self.decoder.embed = self.encoder.embed  # one token embedding for both stacks (T5)
-        self.lm_head = nn.Linear(dim, vocab_size, bias=False)
-        if tie_embeddings:
-            self.lm_head.weight = self.decoder.embed.weight
-        self.logit_scale = dim**-0.5 if scale_logits else 1.0
 
         self.vocab_size, self.dim, self.n_layers, self.max_seq_len = vocab_size, dim, n_layers, max_seq_len
         self.n_encoder_layers = None if encoder is not None else n_encoder_layers or n_layers
@@ -216,7 +228,9 @@ class EncoderDecoder(nn.Module):
             "encoder_overrides": [] if encoder is not None else self.encoder.config["overrides"],
             "decoder_start_id": decoder_start_id, "pad_id": pad_id,
         }  # fmt: skip
-        self.reset_parameters()
+        self.build_head(head, norm=norm, embedding=self.decoder.embed if tie_embeddings else None,
+                        logit_scale=dim**-0.5 if scale_logits else 1.0)  # fmt: skip
+        self.finish_build(start_weights, transforms)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> EncoderDecoder:
@@ -229,13 +243,50 @@ class EncoderDecoder(nn.Module):
             kwargs["encoder"] = _build_encoder(kwargs["encoder"])
         return cls(**kwargs)
 
+    def record_init(self) -> None:
+        """Each built-in stack's rule (its own depth scales its residual outputs), then the head's."""
+        if isinstance(self.encoder, TransformerStack):
+            self.encoder.record_init()
+        self.decoder.record_init()
+        super().record_init()
+
     def reset_parameters(self) -> None:
-        """Each built-in stack's initialisation (a given encoder keeps its weights), then an untied head."""
-        if isinstance(self.encoder, EncoderStack):
-            self.encoder.reset_parameters()
-        self.decoder.reset_parameters()
-        if self.lm_head.weight is not self.decoder.embed.weight:
-            nn.init.normal_(self.lm_head.weight, mean=0.0, std=self.init_std)
+        """Every module by its own rule, except a given encoder's, which keeps its weights."""
+        given = set() if isinstance(self.encoder, EncoderStack) else {id(m) for m in self.encoder.modules()}
+        initialize(m for m in self.modules() if id(m) not in given)
+
+    @property
+    def output_norm(self) -> nn.Module:
+        """The decoder's norm after its last block."""
+        return self.decoder.norm
+
+    def hidden_states(
+        self,
+        input_ids: Tensor | None = None,
+        *,
+        inputs_embeds: Tensor | None = None,
+        mask: AttentionMask | None = None,
+        positions: Tensor | None = None,
+        cache: list[KVCache] | None = None,
+        decoder_input_ids: Tensor | None = None,
+    ) -> Tensor:
+        """The decoder's final hidden states (B, T, dim) for a source and a target prefix.
+
+        Args:
+            input_ids: (B, S) source ids; the built-in encoder also takes ``inputs_embeds`` (B, S, dim).
+            inputs_embeds: source embeddings (B, S, dim) instead of ids.
+            mask: its ``padding`` (B, S) marks the real source tokens.
+            positions: (B or 1, T) target positions; default continues after the cache.
+            cache: from :meth:`make_cache`; filled in place.
+            decoder_input_ids: (B, T) target ids shifted right (None: ``decoder_start_id`` alone, T = 1).
+        """
+        padding = None if mask is None else mask.padding
+        embeds = {} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+        context, padding = self.encoder.encode(input_ids, attention_mask=padding, **embeds)
+        if decoder_input_ids is None:
+            decoder_input_ids = torch.full((context.shape[0], 1), self.decoder_start_id, device=context.device)
+        return self.decode_hidden(decoder_input_ids, context=context, context_padding=padding, positions=positions,
+                                  cache=cache)  # fmt: skip
 
     # --- the two halves ---------------------------------------------------------------------
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -264,6 +315,20 @@ class EncoderDecoder(nn.Module):
             positions: (B or 1, T) absolute target positions; default continues after the cache.
             cache: from :meth:`make_cache` (its ``cross_attention`` caches are used too); filled in place.
         """
+        h = self.decode_hidden(decoder_input_ids, context=context, context_padding=context_padding,
+                               positions=positions, cache=cache)  # fmt: skip
+        return self.head(h)  # (B, T, vocab_size)
+
+    def decode_hidden(
+        self,
+        decoder_input_ids: Tensor,
+        *,
+        context: Tensor,
+        context_padding: Tensor | None = None,
+        positions: Tensor | None = None,
+        cache: list[KVCache] | None = None,
+    ) -> Tensor:
+        """decoder_input_ids: (B, T) -> the decoder's final hidden states (B, T, dim), as in :meth:`decode`."""
         T = decoder_input_ids.shape[1]
         offset = cache[0].length if cache else 0
         if positions is None:
@@ -276,7 +341,7 @@ class EncoderDecoder(nn.Module):
             context_mask=AttentionMask(causal=False, padding=context_padding),
             cross_cache=getattr(cache, "cross_attention", None),
         )  # fmt: skip  # (B, T, dim)
-        return self.lm_head(h) * self.logit_scale if self.logit_scale != 1.0 else self.lm_head(h)
+        return h
 
     def forward(
         self, input_ids: Tensor, decoder_input_ids: Tensor | None = None, *, attention_mask: Tensor | None = None
@@ -318,7 +383,7 @@ class EncoderDecoder(nn.Module):
             context_len: the most encoder-output positions S' (None: max_seq_len).
         """
         max_len, context_len = max_len or self.max_seq_len, context_len or self.max_seq_len
-        tensor_kwargs = {"dtype": self.lm_head.weight.dtype, "device": self.lm_head.weight.device}
+        tensor_kwargs = {"dtype": self.decoder.embed.weight.dtype, "device": self.decoder.embed.weight.device}
         blocks = self.decoder.blocks
         return EncoderDecoderCache(
             [blk.attention.make_cache(batch_size, max_len, **tensor_kwargs) for blk in blocks],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor, nn
 
@@ -12,10 +14,12 @@ from lightningllm.contracts import (
     BlockFactory,
     FeedForward,
     FeedForwardFactory,
+    HeadFactory,
     Norm,
     NormFactory,
     Position,
     PositionFactory,
+    Transform,
 )
 from lightningllm.errors import ConfigError
 from lightningllm.mask import AttentionMask
@@ -94,7 +98,8 @@ class PerceiverEncoder(TransformerStack):
 
     Outputs: :meth:`encode` gives ``(latents, None)`` (every latent is a real key), the form an
     encoder-decoder's cross-attention reads; :meth:`pooled` is the mean over latents, (B, dim), for
-    a classification head. There is no language-model head.
+    a classification head. The default head is ``NoHead`` (the forward gives the latents); a pooling
+    head (``ClassificationHead`` with ``mean``) reads the latents, every one of them real.
 
     Positions: only the position plugin's ``embed`` is used, on the input (LearnedPosition,
     Sinusoidal). Latents are an unordered set, and cross-attention applies no rotation or score
@@ -135,9 +140,13 @@ class PerceiverEncoder(TransformerStack):
             at two std for the latents as in the Perceiver); residual output projections
             (``o_proj``, ``down_proj``) get ``init_std / sqrt(2 * n_layers)``.
         overrides: other attention or feed-forward plugins for some latent blocks.
+        head: factory of the head plugin, reading the latents (None: ``NoHead``).
+        start_weights: an export folder to start from (None: random init).
+        transforms: applied after the start weights, in order (freezing, adapters).
     """
 
     causal = False  # every latent sees every real input token and every other latent
+    default_head = "NoHead"
 
     def __init__(
         self,
@@ -160,6 +169,9 @@ class PerceiverEncoder(TransformerStack):
         attention_dropout: float = 0.0,
         init_std: float = 0.02,
         overrides: list[LayerOverride] | None = None,
+        head: HeadFactory | None = None,
+        start_weights: str | os.PathLike | None = None,
+        transforms: list[Transform] | None = None,
     ) -> None:
         for name, value in {"n_latents": n_latents, "n_cross_layers": n_cross_layers}.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -196,32 +208,40 @@ class PerceiverEncoder(TransformerStack):
         for layer in self.cross_layers:
             layer.attention.check_compatible(self.position)
         self.cross_before = [k * n_layers // n_cross_layers for k in range(n_cross_layers)]  # latent block index
-        self.reset_parameters()
+        self.build_head(head, norm=norm, embedding=None, logit_scale=1.0)
+        self.finish_build(start_weights, transforms)
 
-    def reset_parameters(self) -> None:
-        """The stack's initialisation, and the latent array ~ truncated Normal(0, init_std) within two std."""
-        super().reset_parameters()
+    def reset_own_parameters(self) -> None:
+        """The latent array ~ truncated Normal(0, init_std) within two std (the modules reset themselves)."""
         nn.init.trunc_normal_(self.latents, std=self.init_std, a=-2 * self.init_std, b=2 * self.init_std)
 
     def encode(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, *, positions: Tensor | None = None
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        positions: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
     ) -> tuple[Tensor, None]:
         """input_ids: (B, S) -> (latents (B, n_latents, dim), None): None, since every latent is a real key.
 
         Args:
+            input_ids: token ids; give these or ``inputs_embeds`` (B, S, dim).
             attention_mask: (B, S) bool or 0/1, True (1) at real tokens; padded tokens are never
                 attended to. None: every token is real.
             positions: (B or 1, S) absolute positions of the input; None: ``0 .. S-1``.
+            inputs_embeds: token embeddings instead of ids.
         """
-        B, S = input_ids.shape
+        x = self.embed_inputs(input_ids, inputs_embeds)  # (B, S, dim)
+        B, S = x.shape[:2]
         if positions is None:
             self.position.check_length(S)
-            positions = torch.arange(S, device=input_ids.device)[None]  # (1, S)
-        x = self.dropout(self.position.embed(self.embed(input_ids), positions))  # (B, S, dim)
+            positions = torch.arange(S, device=x.device)[None]  # (1, S)
+        x = self.dropout(self.position.embed(x, positions))  # (B, S, dim)
         padding = None if attention_mask is None else attention_mask.to(torch.bool)  # (B, S)
         cross_mask = AttentionMask(causal=False, padding=padding)
         latent_mask = AttentionMask(causal=False)  # latents see each other, none is padding
-        latent_positions = torch.arange(self.n_latents, device=input_ids.device)[None]  # (1, N)
+        latent_positions = torch.arange(self.n_latents, device=x.device)[None]  # (1, N)
         z = self.latents.to(x.dtype).expand(B, -1, -1)  # (B, N, dim)
         cross = iter(zip(self.cross_before, self.cross_layers, strict=True))
         step = next(cross, None)
@@ -233,10 +253,27 @@ class PerceiverEncoder(TransformerStack):
         return self.norm(z), None
 
     def hidden_states(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, *, positions: Tensor | None = None
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        inputs_embeds: Tensor | None = None,
+        mask: AttentionMask | None = None,
+        positions: Tensor | None = None,
+        cache: None = None,
     ) -> Tensor:
-        """input_ids: (B, S) -> latents (B, n_latents, dim); arguments as in :meth:`encode`."""
-        return self.encode(input_ids, attention_mask, positions=positions)[0]
+        """input_ids: (B, S) -> latents (B, n_latents, dim).
+
+        Args:
+            input_ids, attention_mask, positions, inputs_embeds: as in :meth:`encode`.
+            mask: ``AttentionMask(causal=False, padding=(B, S))``, the other spelling of ``attention_mask``.
+            cache: must stay None (a bidirectional model has no cache).
+        """
+        if cache is not None:
+            self.require_causal_for_cache()
+        if mask is not None:
+            attention_mask = mask.padding if attention_mask is None else attention_mask
+        return self.encode(input_ids, attention_mask, positions=positions, inputs_embeds=inputs_embeds)[0]
 
     def pooled(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, *, positions: Tensor | None = None
@@ -248,10 +285,18 @@ class PerceiverEncoder(TransformerStack):
         return self.hidden_states(input_ids, attention_mask, positions=positions).mean(dim=1)
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, *, positions: Tensor | None = None
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        inputs_embeds: Tensor | None = None,
+        mask: AttentionMask | None = None,
+        positions: Tensor | None = None,
     ) -> Tensor:
-        """input_ids: (B, S) -> latents (B, n_latents, dim); the same as :meth:`hidden_states`."""
-        return self.hidden_states(input_ids, attention_mask, positions=positions)
+        """input_ids: (B, S) -> the head's output on the latents (NoHead: latents (B, n_latents, dim))."""
+        latents = self.hidden_states(input_ids, attention_mask, inputs_embeds=inputs_embeds, mask=mask,
+                                     positions=positions)  # fmt: skip
+        return self.head(latents)  # every latent is real: no padding
 
 
 def _adds_embeddings_only(position: type[Position]) -> bool:

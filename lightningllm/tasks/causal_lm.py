@@ -10,13 +10,11 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.text import Perplexity
 
-from lightningllm.contracts import aux_loss, module_metrics
+from lightningllm.contracts import IGNORE_INDEX, aux_loss, check_model, module_metrics
 from lightningllm.errors import ConfigError
 from lightningllm.hparams import save_hyperparameters
 from lightningllm.tasks.base import TrainingTask
 from lightningllm.tasks.optim import Schedule
-
-IGNORE_INDEX = -100
 
 
 class CausalLM(TrainingTask):
@@ -57,7 +55,8 @@ class CausalLM(TrainingTask):
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse, before training, a model this task cannot train (here: one that attends bidirectionally)."""
-        if not getattr(model, "causal", True):
+        check_model(model, type(self).__name__)
+        if not model.causal:
             raise ConfigError(
                 f"CausalLM needs a causal model, but {type(model).__name__} attends bidirectionally: every "
                 "position would see the token it is asked to predict. Use a Decoder, or train this model "
@@ -66,8 +65,8 @@ class CausalLM(TrainingTask):
 
     def setup(self, stage: str) -> None:
         tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
-        vocab_size = getattr(self.model, "vocab_size", None)
-        if tokenizer is not None and vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        vocab_size = self.model.vocab_size
+        if tokenizer is not None and tokenizer.vocab_size > vocab_size:
             raise ConfigError(
                 f"The tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab_size}: "
                 "token ids past the embedding table cannot be looked up. Set the model's vocab_size to at least "

@@ -10,13 +10,12 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from lightningllm.contracts import aux_loss
+from lightningllm.contracts import IGNORE_INDEX, aux_loss, check_model
 from lightningllm.errors import ConfigError
 from lightningllm.hparams import save_hyperparameters
 from lightningllm.tasks.base import TrainingTask
 from lightningllm.tasks.optim import Schedule
 
-IGNORE_INDEX = -100
 SPECIAL_IDS = (0, 1, 2, 3, 4)  # <pad> <unk> <bos> <eos> <mask> in every lightningllm tokenizer
 MODEL_INPUTS = ("attention_mask", "segment_ids")  # batch keys passed on to the model when present
 
@@ -124,8 +123,9 @@ class MaskedLM(TrainingTask):
     ) -> None:
         super().__init__()
         save_hyperparameters(self, injected=("model", "optimizer"))
-        model_vocab_size = getattr(model, "vocab_size", None)
-        if vocab_size is not None and model_vocab_size is not None and vocab_size > model_vocab_size:
+        check_model(model, "MaskedLM")
+        model_vocab_size = model.vocab_size
+        if vocab_size is not None and vocab_size > model_vocab_size:
             raise ConfigError(
                 f"MaskedLM vocab_size={vocab_size} exceeds the model's vocab_size={model_vocab_size}: random "
                 "replacement ids past the embedding table cannot be looked up. Leave vocab_size unset (the model's "

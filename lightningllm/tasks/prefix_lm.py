@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightningllm.contracts import aux_loss
+from lightningllm.contracts import IGNORE_INDEX, Block, Position, aux_loss
 from lightningllm.errors import ConfigError, DataError
 from lightningllm.mask import AttentionMask
-from lightningllm.tasks.causal_lm import IGNORE_INDEX, CausalLM
+from lightningllm.tasks.causal_lm import CausalLM
 
 PREFIX_KEY = "prefix_lengths"
 
@@ -175,24 +175,21 @@ def check_prefix_support(model: nn.Module) -> None:
             f"{type(model).__name__}.forward takes no 'mask' argument. Use lightningllm.models.Decoder, or give the "
             "model a mask keyword that reaches its attention layers."
         )
-    blocks, position, dim = (
-        getattr(model, "blocks", None),
-        getattr(model, "position", None),
-        getattr(model, "dim", None),
-    )
-    if blocks is None or not isinstance(position, nn.Module) or not isinstance(dim, int):
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    position = next((m for m in model.modules() if isinstance(m, Position)), None)
+    if not blocks or position is None:
         return
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         return
     probed: set[str] = set()
     for i, block in enumerate(blocks):
-        attention = getattr(block, "attention", None)
-        if attention is None or _identity(attention) in probed:
+        attention = block.attention
+        if _identity(attention) in probed:
             continue
         probed.add(_identity(attention))
         name = type(attention).__name__
         try:
-            problem = _probe_prefix(attention, position, dim)
+            problem = _probe_prefix(attention, position, model.dim)
         except (ConfigError, NotImplementedError) as error:
             raise ConfigError(
                 f"PrefixLM needs every attention layer to honour a prefix mask (AttentionMask.prefix_lengths: the "

@@ -20,14 +20,12 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from lightningllm.contracts import aux_loss, module_metrics
+from lightningllm.contracts import IGNORE_INDEX, aux_loss, check_model, module_metrics
 from lightningllm.errors import ConfigError, DataError
 from lightningllm.hparams import save_hyperparameters
 from lightningllm.tasks.base import TrainingTask
 from lightningllm.tasks.optim import Schedule
 from lightningllm.tokenizer import Tokenizer
-
-IGNORE_INDEX = -100
 
 
 def noise_span_counts(length: int, noise_density: float = 0.15, mean_span_length: float = 3.0) -> tuple[int, int]:
@@ -229,10 +227,11 @@ class SpanCorruption(TrainingTask):
         super().__init__()
         save_hyperparameters(self, injected=("model", "optimizer"))
         _check_span_settings(noise_density, mean_span_length)
-        if not callable(getattr(model, "shift_right", None)) or getattr(model, "vocab_size", None) is None:
+        check_model(model, "SpanCorruption")
+        if not callable(getattr(model, "shift_right", None)):
             raise ConfigError(
-                f"SpanCorruption trains an encoder-decoder, but {type(model).__name__} has no shift_right method "
-                "and vocab_size: use lightningllm.models.encoder_decoder.EncoderDecoder (forward(input_ids, "
+                f"SpanCorruption trains an encoder-decoder, but {type(model).__name__} has no shift_right method: "
+                "use lightningllm.models.encoder_decoder.EncoderDecoder (forward(input_ids, "
                 "decoder_input_ids) -> logits)."
             )
         self.init_training(model, optimizer, warmup_steps, schedule, min_lr_ratio, activation_checkpointing, compile)

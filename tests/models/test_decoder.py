@@ -38,8 +38,8 @@ def test_gpt2_initialisation_scales_residual_projections(decoder_factory):
 
 def test_tied_embeddings_share_one_matrix(decoder_factory):
     tied, untied = decoder_factory(tie_embeddings=True), decoder_factory(tie_embeddings=False)
-    assert tied.lm_head.weight is tied.embed.weight
-    assert untied.lm_head.weight is not untied.embed.weight
+    assert tied.head.weight is tied.embed.weight
+    assert untied.head.weight is not untied.embed.weight
 
 
 def test_logit_scaling_divides_by_sqrt_dim(decoder_factory):

@@ -109,8 +109,8 @@ def reference_bert(model: Encoder, ids, attention_mask, segment_ids):
         h = linear(blk.ffn.down_proj, F.gelu(linear(blk.ffn.up_proj, x)))
         x = layer_norm(blk.norm_2, x + h)
     hidden = x
-    h = layer_norm(model.transform_norm, F.gelu(linear(model.transform, hidden)))
-    return hidden, h @ model.embed.weight.T + model.lm_head.bias
+    h = layer_norm(model.head.norm, F.gelu(linear(model.head.transform, hidden)))
+    return hidden, h @ model.embed.weight.T + model.head.proj.bias
 
 
 def test_bert_layout_matches_a_hand_written_reference():
@@ -156,9 +156,9 @@ def test_norm_placement_follows_the_block_layout(block, embed_norm, final_norm):
 
 def test_tied_head_shares_the_embedding_and_keeps_its_bias():
     tied, untied = build_encoder(tie_embeddings=True), build_encoder(tie_embeddings=False)
-    assert tied.lm_head.weight is tied.embed.weight
-    assert untied.lm_head.weight is not untied.embed.weight
-    assert tied.lm_head.bias.shape == (50,) and not tied.lm_head.bias.any()
+    assert tied.head.proj.weight is tied.embed.weight
+    assert untied.head.proj.weight is not untied.embed.weight
+    assert tied.head.proj.bias.shape == (50,) and not tied.head.proj.bias.any()
 
 
 def test_config_rebuilds_export_and_load_round_trip(tmp_path):
@@ -186,7 +186,7 @@ def test_meta_device_build_then_materialise():
     model.to_empty(device="cpu")
     model.reset_parameters()
     assert all(not p.is_meta and torch.isfinite(p).all() for p in model.parameters())
-    assert model.transform_norm.weight.eq(1).all() and model.lm_head.bias.eq(0).all()
+    assert model.head.norm.weight.eq(1).all() and model.head.proj.bias.eq(0).all()
     assert model(torch.randint(0, 50, (1, 5))).shape == (1, 5, 50)
 
 

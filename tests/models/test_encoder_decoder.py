@@ -151,9 +151,9 @@ def test_shift_right_starts_with_the_start_token_and_pads_ignored_labels():
 
 def test_shared_embedding_and_tied_head():
     model = build()
-    assert model.decoder.embed is model.encoder.embed and model.lm_head.weight is model.encoder.embed.weight
+    assert model.decoder.embed is model.encoder.embed and model.head.weight is model.encoder.embed.weight
     untied = build(tie_embeddings=False, scale_logits=True)
-    assert untied.lm_head.weight is not untied.decoder.embed.weight
+    assert untied.head.weight is not untied.decoder.embed.weight
     assert untied.decoder.embed is untied.encoder.embed  # the stacks still share their input embedding
 
 

@@ -47,12 +47,12 @@ def test_meta_device_model_is_materialised_with_our_initialisation(decoder_facto
     eager = decoder_factory(vocab_size=16, norm="RMSNorm", position="ALiBi")  # ALiBi: a plugin with a buffer
     with torch.device("meta"):
         model = decoder_factory(vocab_size=16, norm="RMSNorm", position="ALiBi")
-    assert model.lm_head.weight is model.embed.weight and model.embed.weight.is_meta
-    materialize_unit(model.blocks[0], torch.device("cpu"), [model])  # as FSDP does: one unit, then the rest
+    assert model.head.weight is model.embed.weight and model.embed.weight.is_meta
+    materialize_unit(model.blocks[0], torch.device("cpu"))  # as FSDP does: one unit, then the rest
     assert model.blocks[0].attention.q_proj.weight.device.type == "cpu" and model.blocks[1].ffn.up_proj.weight.is_meta
-    materialize_unit(model, torch.device("cpu"), [model])
+    materialize_unit(model, torch.device("cpu"))
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
-    assert model.lm_head.weight is model.embed.weight  # tied again after to_empty
+    assert model.head.weight is model.embed.weight  # tied again after to_empty
     expected = dict(eager.named_parameters())
     for name, param in model.named_parameters():
         reference = expected[name]

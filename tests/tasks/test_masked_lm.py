@@ -167,9 +167,18 @@ def test_fit_on_a_tiny_corpus_lowers_loss_and_raises_masked_accuracy(tmp_path):
     assert after["val/masked_accuracy"] > 0.6 > before["val/masked_accuracy"] + 0.4
 
 
-def test_fit_with_a_synthetic_dataloader_and_a_model_without_vocab_size(tmp_path):
-    """Any model works when vocab_size is passed; each sequence repeats one token, so every mask is solvable."""
+def test_fit_with_a_synthetic_dataloader(tmp_path):
+    """Each sequence repeats one token, so every mask is solvable."""
+    torch.manual_seed(0)
+    ids = torch.randint(5, 12, (128, 1)).repeat(1, 16)  # (128, 16)
+    task = MaskedLM(tiny_encoder(vocab_size=12), optimizer=partial(torch.optim.AdamW, lr=1e-2), warmup_steps=5)
+    before = task.loss(ids, generator=torch.Generator().manual_seed(0))[0].item()
+    trainer(tmp_path, max_steps=60).fit(task, DataLoader(ids, batch_size=32, shuffle=True))
+    after = task.loss(ids, generator=torch.Generator().manual_seed(0))[0].item()
+    assert after < 0.2 * before
 
+
+def test_a_module_outside_the_model_protocol_is_refused_naming_what_it_lacks():
     class Wrapped(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -178,13 +187,8 @@ def test_fit_with_a_synthetic_dataloader_and_a_model_without_vocab_size(tmp_path
         def forward(self, input_ids):
             return self.inner(input_ids)
 
-    torch.manual_seed(0)
-    ids = torch.randint(5, 12, (128, 1)).repeat(1, 16)  # (128, 16)
-    task = MaskedLM(Wrapped(), vocab_size=12, optimizer=partial(torch.optim.AdamW, lr=1e-2), warmup_steps=5)
-    before = task.loss(ids, generator=torch.Generator().manual_seed(0))[0].item()
-    trainer(tmp_path, max_steps=60).fit(task, DataLoader(ids, batch_size=32, shuffle=True))
-    after = task.loss(ids, generator=torch.Generator().manual_seed(0))[0].item()
-    assert after < 0.2 * before
+    with pytest.raises(ConfigError, match="MaskedLM needs a lightningllm model, but Wrapped lacks dim, vocab_size"):
+        MaskedLM(Wrapped(), vocab_size=12)
 
 
 def test_mask_id_other_than_the_tokenizers_is_refused(tmp_path):

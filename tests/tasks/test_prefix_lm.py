@@ -192,7 +192,7 @@ def test_models_that_cannot_take_a_prefix_are_refused():
         def forward(self, input_ids):
             return input_ids
 
-    with pytest.raises(ConfigError, match="takes no 'mask' argument"):
+    with pytest.raises(ConfigError, match="PrefixLM needs a lightningllm model, but NoMask lacks dim"):
         PrefixLM(NoMask())
     encoder = Encoder(vocab_size=20, dim=16, n_layers=1, n_heads=2, attention=get("attention", "MultiHeadAttention"),
                       ffn=get("ffn", "MLP"), norm=get("norm", "LayerNorm"), position=get("position", "NoPosition"),

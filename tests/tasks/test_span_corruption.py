@@ -172,15 +172,17 @@ def test_loss_is_cross_entropy_over_every_target_token():
     torch.testing.assert_close(logits, by_hand)
 
 
-def test_the_model_must_hold_the_sentinels_and_be_an_encoder_decoder():
+def test_the_model_must_hold_the_sentinels_and_be_an_encoder_decoder(decoder_factory):
     with pytest.raises(ConfigError, match="vocab_size is 100"):
         SpanCorruption(tiny_t5(100), first_sentinel_id=FIRST)
     task = SpanCorruption(tiny_t5(104), first_sentinel_id=FIRST)  # 4 sentinels: enough for 30 tokens (2 spans)
     task.loss(torch.randint(5, FIRST, (2, 30)))
     with pytest.raises(ConfigError, match=r"needs 6 sentinel id\(s\) from 100 on \(windows of 128 tokens"):
         task.loss(torch.randint(5, FIRST, (2, 128)))
-    with pytest.raises(ConfigError, match="no shift_right"):
+    with pytest.raises(ConfigError, match="SpanCorruption needs a lightningllm model, but Linear lacks dim"):
         SpanCorruption(nn.Linear(2, 2))
+    with pytest.raises(ConfigError, match="no shift_right"):
+        SpanCorruption(decoder_factory())
     with pytest.raises(DataError, match="padding"):
         task.loss({"input_ids": torch.randint(5, FIRST, (2, 30)), "attention_mask": torch.zeros(2, 30)})
 

@@ -1,9 +1,35 @@
-"""BERT (Devlin et al., 2019): post-norm encoder, learned positions, segment embeddings, MLM head."""
+"""BERT (Devlin et al., 2019): post-norm encoder, learned positions, segment embeddings, MLM head or none.
+
+``BertForMaskedLM`` converts to an Encoder with its ``MaskedLMHead``; a bare ``BertModel`` (what
+sentence-embedding models ship: no ``cls.predictions.*`` tensors) to an Encoder with ``NoHead``, which
+exports back as a ``BertModel`` (base-model names, no ``bert.`` prefix).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from lightningllm.convert.families.common import COMMON, ENCODER
 from lightningllm.convert.table import Family, Field, Fixed, Ignored, Rule, Weight
+
+MLM_HEAD = {"class_path": "MaskedLMHead", "init_args": {}}
+NO_HEAD = {"class_path": "NoHead", "init_args": {}}
+BASE_MODEL = "BertModel"
+
+
+def _head_from_architecture(hf: Mapping[str, Any]) -> dict[str, Any]:
+    return {"head": NO_HEAD} if hf.get("architectures") == [BASE_MODEL] else {}
+
+
+def _architecture_from_head(ours: Mapping[str, Any]) -> dict[str, Any]:
+    headless = (ours.get("head") or MLM_HEAD)["class_path"] == NO_HEAD["class_path"]
+    return {"architectures": [BASE_MODEL if headless else "BertForMaskedLM"]}
+
+
+def _head_from_weights(names: frozenset[str]) -> dict[str, Any]:
+    """A checkpoint without MLM-head tensors is a bare BertModel, whatever its config.json says."""
+    return {} if any(name.startswith("cls.predictions.") for name in names) else {"head": NO_HEAD}
 
 
 def _linear(hf: str, ours: str) -> tuple[Weight, Weight]:
@@ -45,6 +71,7 @@ BERT = Family(
         Fixed("add_cross_attention", False, "the Encoder has no cross-attention"),
         Ignored("classifier_dropout", "dropout of classification heads, which are not converted"),
         Ignored("gradient_checkpointing", "a training memory option"),
+        Rule(("architectures",), _head_from_architecture, _architecture_from_head),
     ),
     weights=(
         Weight("bert.embeddings.word_embeddings.weight", "embed.weight"),
@@ -59,11 +86,11 @@ BERT = Family(
         *_linear(f"{LAYER}.intermediate.dense", f"{BLOCK}.ffn.up_proj"),
         *_linear(f"{LAYER}.output.dense", f"{BLOCK}.ffn.down_proj"),
         *_linear(f"{LAYER}.output.LayerNorm", f"{BLOCK}.norm_2"),
-        *_linear("cls.predictions.transform.dense", "transform"),
-        *_linear("cls.predictions.transform.LayerNorm", "transform_norm"),
-        Weight("cls.predictions.decoder.weight", "lm_head.weight"),
+        *_linear("cls.predictions.transform.dense", "head.transform"),
+        *_linear("cls.predictions.transform.LayerNorm", "head.norm"),
+        Weight("cls.predictions.decoder.weight", "head.proj.weight"),
         # the forward adds decoder.bias; tied checkpoints store it only as cls.predictions.bias
-        Weight("cls.predictions.decoder.bias", "lm_head.bias", aliases=("cls.predictions.bias",)),
+        Weight("cls.predictions.decoder.bias", "head.proj.bias", aliases=("cls.predictions.bias",)),
     ),
     hf_prefix="bert.",
     ignored_weights={
@@ -72,4 +99,6 @@ BERT = Family(
         r"^bert\.embeddings\.position_ids$": "a buffer of arange positions in older checkpoints",
     },
     weight_renames=((".gamma", ".weight"), (".beta", ".bias")),
+    from_weights=_head_from_weights,
+    base_architecture=BASE_MODEL,
 )

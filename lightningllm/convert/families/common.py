@@ -269,7 +269,7 @@ def llama_weights(ffn: tuple[Weight, ...]) -> tuple[Weight, ...]:
         Weight("model.layers.{i}.post_attention_layernorm.weight", "blocks.{i}.norm_2.weight"),
         *ffn,
         Weight("model.norm.weight", "norm.weight"),
-        Weight("lm_head.weight", "lm_head.weight"),
+        Weight("lm_head.weight", "head.weight"),
     )
 
 

@@ -92,7 +92,7 @@ GPT2 = Family(
         Weight("transformer.h.{i}.mlp.c_proj.bias", "blocks.{i}.ffn.down_proj.bias"),
         Weight("transformer.ln_f.weight", "norm.weight"),
         Weight("transformer.ln_f.bias", "norm.bias"),
-        Weight("lm_head.weight", "lm_head.weight"),
+        Weight("lm_head.weight", "head.weight"),
     ),
     hf_prefix="transformer.",
     ignored_weights={

@@ -221,7 +221,7 @@ T5 = Family(
         Weight("shared.weight", "encoder.embed.weight"),
         *_stack("encoder", decoder=False),
         *_stack("decoder", decoder=True),
-        Weight("lm_head.weight", "lm_head.weight"),
+        Weight("lm_head.weight", "head.weight"),
     ),
     ignored_weights={
         r"^(encoder|decoder)\.embed_tokens\.weight$": "a copy of shared.weight (HF ties both stacks' embeddings to it)",
