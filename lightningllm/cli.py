@@ -117,6 +117,7 @@ def import_short_names() -> None:
     import lightningllm.callbacks  # noqa: F401
     import lightningllm.data  # noqa: F401
     import lightningllm.models  # noqa: F401
+    import lightningllm.prediction_writer  # noqa: F401
     import lightningllm.tasks  # noqa: F401
 
 
