@@ -80,7 +80,7 @@ class PooledLinear(nn.Module):
 class SequenceClassification(TrainingTask):
     """Cross-entropy over class logits pooled from any backbone (Decoder, Encoder) with a ``hidden_states`` method.
 
-    The class names come from ``labels`` or, when that is unset, from the data module's ``label_names``
+    The class names come from ``classes`` or, when that is unset, from the data module's ``label_names``
     (:class:`~lightningllm.data.ClassificationDataModule`), and are recorded in the checkpoint's
     hyperparameters, so predictions name their classes. The head (pooling, dropout, a linear layer to the
     classes) is built fresh.
@@ -95,7 +95,7 @@ class SequenceClassification(TrainingTask):
     Args:
         model: the backbone, already built (with its start weights).
         optimizer: called with parameter groups; norms, biases and embeddings get no weight decay.
-        labels: the class names in class-id order; None takes the data module's.
+        classes: the class names in class-id order; None takes the data module's ``label_names``.
         pooling: how a row becomes one vector; None: "last" for a causal backbone (only its last token has
             read the whole row), "first" for a bidirectional one (the ``<bos>``/[CLS] position).
         dropout: dropout on the pooled vector.
@@ -113,7 +113,7 @@ class SequenceClassification(TrainingTask):
         self,
         model: nn.Module,
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        labels: list[str] | None = None,
+        classes: list[str] | None = None,
         pooling: Pooling | None = None,
         dropout: float = 0.0,
         trainable: Trainable = "all",
@@ -125,21 +125,21 @@ class SequenceClassification(TrainingTask):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        _check_options(model, labels, pooling, dropout, trainable, class_weights)
+        _check_options(model, classes, pooling, dropout, trainable, class_weights)
         save_hyperparameters(self, injected=("model", "optimizer"))
         self.init_training(model, optimizer, warmup_steps, schedule, min_lr_ratio, activation_checkpointing, compile)
         self.pooling: Pooling = pooling or ("last" if getattr(model, "causal", True) else "first")
         self.dropout, self.trainable, self.class_weights = dropout, trainable, class_weights
         self.label_names: list[str] | None = None
         self.head: PooledLinear | None = None
-        if labels is not None:
-            self._build(list(labels))
+        if classes is not None:
+            self._build(list(classes))
 
     # --- classes, head and metrics -------------------------------------------------------------
     def _build(self, labels: list[str]) -> None:
         """Create the head and the metrics for ``labels`` (once)."""
         self.label_names = labels
-        self.hparams["labels"] = labels  # load_from_checkpoint rebuilds the head before loading its weights
+        self.hparams["classes"] = labels  # load_from_checkpoint rebuilds the head before loading its weights
         n = len(labels)
         self.head = PooledLinear(self.model.dim, n, self.pooling, self.dropout)
         for split in ("val", "test"):
@@ -157,14 +157,14 @@ class SequenceClassification(TrainingTask):
         if self.label_names is None:
             if data_labels is None:
                 raise ConfigError(
-                    "SequenceClassification does not know its classes: set labels (the class names in class-id "
+                    "SequenceClassification does not know its classes: set classes (the class names in class-id "
                     "order), or use a data module with label_names such as ClassificationDataModule."
                 )
             self._build(list(data_labels))
         elif data_labels is not None and list(data_labels) != self.label_names:
             raise ConfigError(
-                f"SequenceClassification labels={self.label_names} differ from the data's classes "
-                f"{list(data_labels)}: class ids would mean different classes. Leave labels unset to take the data's, "
+                f"SequenceClassification classes={self.label_names} differ from the data's classes "
+                f"{list(data_labels)}: class ids would mean different classes. Leave classes unset to take the data's, "
                 "or give the data module the same labels in the same order."
             )
         self._check_lengths(datamodule)
@@ -201,7 +201,7 @@ class SequenceClassification(TrainingTask):
 
     def configure_optimizers(self):
         if self.head is None:
-            raise ConfigError("SequenceClassification has no head yet: its classes are unknown (set labels).")
+            raise ConfigError("SequenceClassification has no head yet: its classes are unknown (set classes).")
         return self.optimizers_for(nn.ModuleList([self.model, self.head]))
 
     # --- forward and loss ------------------------------------------------------------------------
@@ -246,6 +246,12 @@ class SequenceClassification(TrainingTask):
         getattr(self, f"{split}_confusion").update(predictions, labels)
         self.log(f"{split}/loss", loss, prog_bar=split == "val", sync_dist=True)
 
+    def on_validation_epoch_start(self) -> None:
+        self.val_confusion.reset()  # here, not after compute: in the grad mode the updates run in
+
+    def on_test_epoch_start(self) -> None:
+        self.test_confusion.reset()
+
     def on_validation_epoch_end(self) -> None:
         self._confusion_end("val")
 
@@ -255,7 +261,6 @@ class SequenceClassification(TrainingTask):
     def _confusion_end(self, split: str) -> None:
         confusion = getattr(self, f"{split}_confusion")
         matrix = confusion.compute()  # synced over ranks
-        confusion.reset()
         if self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
         folder = self.trainer.log_dir or self.trainer.default_root_dir
@@ -275,14 +280,14 @@ def _hidden_states(model: nn.Module, input_ids: Tensor, padding: Tensor) -> Tens
     return model.hidden_states(input_ids, attention_mask=padding)
 
 
-def _check_options(model, labels, pooling, dropout, trainable, class_weights) -> None:
+def _check_options(model, classes, pooling, dropout, trainable, class_weights) -> None:
     if not hasattr(model, "hidden_states") or not hasattr(model, "dim"):
         raise ConfigError(
             f"SequenceClassification needs a backbone with hidden_states and dim (Decoder, Encoder); "
             f"{type(model).__name__} has not."
         )
-    if labels is not None and (len(labels) < 2 or len(set(labels)) != len(labels)):
-        raise ConfigError(f"SequenceClassification labels={labels!r} must be at least two distinct class names.")
+    if classes is not None and (len(classes) < 2 or len(set(classes)) != len(classes)):
+        raise ConfigError(f"SequenceClassification classes={classes!r} must be at least two distinct class names.")
     if pooling not in (None, "last", "first", "mean"):
         raise ConfigError(f"SequenceClassification pooling={pooling!r} is not one of 'last', 'first', 'mean'.")
     if pooling == "last" and not getattr(model, "causal", True):
