@@ -1,4 +1,4 @@
-"""ClassificationDataModule: labelled texts from JSONL or CSV, tokenised with the model's own tokenizer, padded per batch."""
+"""ClassificationDataModule: labelled texts from JSONL or CSV, in the model's own tokens, padded per batch."""
 
 from __future__ import annotations
 
@@ -159,8 +159,8 @@ class ClassificationDataModule(L.LightningDataModule):
         if path is None:
             raise ConfigError(
                 f"ClassificationDataModule has no {split}_file, so it cannot serve the {split} split. Set "
-                f"{split}_file to a JSONL or CSV file" + (" (or val_file, which it falls back to)." if split in
-                                                          ("test", "predict") else ".")  # fmt: skip
+                f"{split}_file to a JSONL or CSV file"
+                + (" (or val_file, which it falls back to)." if split in ("test", "predict") else ".")  # fmt: skip
             )
         return Path(path)
 
@@ -279,7 +279,9 @@ def _check_options(
     for name, value, minimum in (("max_length", max_length, 1), ("batch_size", batch_size, 1),
                                  ("num_workers", num_workers, 0)):  # fmt: skip
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"ClassificationDataModule {name}={value!r} is not allowed: give an integer >= {minimum}.")
+            raise ConfigError(
+                f"ClassificationDataModule {name}={value!r} is not allowed: it must be an integer >= {minimum}."
+            )
     if truncation not in ("right", "left"):
         raise ConfigError(
             f"ClassificationDataModule truncation={truncation!r} is not allowed: 'right' drops a long text's end, "

@@ -123,9 +123,7 @@ def _csv_rows(content: str, delimiter: str, path: Path) -> list[tuple[int, dict]
     return rows
 
 
-def _example(
-    row: dict, line: int, path: Path, text_column: str, label_column: str, require_label: bool
-) -> Example:
+def _example(row: dict, line: int, path: Path, text_column: str, label_column: str, require_label: bool) -> Example:
     if text_column not in row:
         raise DataError(_missing_column("text_column", text_column, row, line, path))
     text = row[text_column]

@@ -84,7 +84,8 @@ def test_pooling_matches_a_naive_loop_over_padded_rows(pooling, side):
 def test_a_decoder_learns_whether_a_text_holds_a_z(tmp_path, z_files):
     torch.manual_seed(0)
     data = z_data(z_files)
-    task = SequenceClassification(build_decoder(vocab_size=data.vocab_size), optimizer=partial(torch.optim.AdamW, lr=3e-3))
+    optimizer = partial(torch.optim.AdamW, lr=3e-3)
+    task = SequenceClassification(build_decoder(vocab_size=data.vocab_size), optimizer=optimizer)
     run = trainer(tmp_path)
     before = run.validate(task, datamodule=data, verbose=False)[0]
     run.fit(task, datamodule=data)
