@@ -170,6 +170,18 @@ class SequenceClassification(TrainingTask):
         self._check_lengths(datamodule)
         if stage == "fit":
             self._weights = self._loss_weights(datamodule)
+            self._log_majority_baseline(datamodule)
+
+    def _log_majority_baseline(self, datamodule) -> None:
+        """What always answering the most frequent training class scores on validation: the floor to beat."""
+        datasets = getattr(datamodule, "datasets", {})
+        if "train" not in datasets or "val" not in datasets:
+            return
+        n = len(self.label_names)
+        train, val = torch.tensor(datasets["train"].labels), torch.tensor(datasets["val"].labels)
+        baseline = majority_baseline(train, val, n)
+        log.info("Majority-class baseline (always %r): val accuracy %.4f, val macro F1 %.4f",
+                 self.label_names[baseline["class"]], baseline["accuracy"], baseline["macro_f1"])  # fmt: skip
 
     def _check_lengths(self, datamodule) -> None:
         max_length, max_seq_len = getattr(datamodule, "max_length", None), getattr(self.model, "max_seq_len", None)
@@ -268,6 +280,15 @@ class SequenceClassification(TrainingTask):
         title = f"{split}, step {self.global_step}"
         path = save_confusion_png(matrix, self.label_names, Path(folder) / name, title=title)
         log.debug("Confusion matrix %s", path)
+
+
+def majority_baseline(train_labels: Tensor, val_labels: Tensor, n_classes: int) -> dict[str, float | int]:
+    """Accuracy and macro F1 on ``val_labels`` (N,) of always predicting the most frequent class of ``train_labels``."""
+    majority = int(torch.bincount(train_labels, minlength=n_classes).argmax())
+    predictions = torch.full_like(val_labels, majority)
+    accuracy = MulticlassAccuracy(n_classes, average="micro")(predictions, val_labels)
+    macro_f1 = MulticlassF1Score(n_classes, average="macro")(predictions, val_labels)
+    return {"class": majority, "accuracy": float(accuracy), "macro_f1": float(macro_f1)}
 
 
 def _hidden_states(model: nn.Module, input_ids: Tensor, padding: Tensor) -> Tensor:

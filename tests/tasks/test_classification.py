@@ -16,7 +16,7 @@ from lightningllm.models import Encoder
 from lightningllm.prediction_writer import PredictionWriter
 from lightningllm.registry import get
 from lightningllm.tasks import SequenceClassification
-from lightningllm.tasks.classification import pool
+from lightningllm.tasks.classification import majority_baseline, pool
 from tests.conftest import build_decoder
 
 LABELS = ["has_z", "no_z"]
@@ -252,3 +252,11 @@ def test_a_label_unseen_in_training_exits_2_through_the_cli(tmp_path, z_files, c
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "has label 'maybe_z', which is not among the classes" in err and "Traceback" not in err
+
+
+def test_majority_baseline_by_hand():
+    train = torch.tensor([0, 1, 1, 2, 1])  # class 1 is the majority
+    val = torch.tensor([1, 0, 2, 2])
+    baseline = majority_baseline(train, val, 3)
+    # class 1: precision 1/4, recall 1/1, F1 = 2 * 0.25 / 1.25 = 0.4; classes 0 and 2: F1 0
+    assert baseline == {"class": 1, "accuracy": 0.25, "macro_f1": pytest.approx(0.4 / 3)}
