@@ -47,11 +47,7 @@ class TrainingTask(L.LightningModule):
         prepare_blocks(self.model, activation_checkpointing=self.activation_checkpointing, compile=self.compile_blocks)
 
     def configure_optimizers(self):
-        return self.optimizers_for(self.model)
-
-    def optimizers_for(self, module: nn.Module) -> dict:
-        """The optimizer over ``module``'s trainable parameters, with the warmup-then-decay schedule."""
-        optimizer = self.optimizer(param_groups(module))
+        optimizer = self.optimizer(param_groups(self.model))
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
         scheduler = warmup_then_decay(optimizer, self.warmup_steps, total, self.schedule, self.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

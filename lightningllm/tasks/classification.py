@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -12,94 +13,52 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
+from lightningllm.contracts import check_model
 from lightningllm.errors import ConfigError
 from lightningllm.hparams import save_hyperparameters
+from lightningllm.lifecycle import build_transform
 from lightningllm.mask import AttentionMask
+from lightningllm.pooling import Pooling, check_pooling
+from lightningllm.registry import get
 from lightningllm.tasks.base import TrainingTask
 from lightningllm.tasks.confusion import save_confusion_png
 from lightningllm.tasks.optim import Schedule
 
 log = logging.getLogger(__name__)
 
-Pooling = Literal["last", "first", "mean"]
-Trainable = Literal["all", "head"]
 CONFUSION_PNG = "confusion_matrix.png"
 
 
-def pool(hidden: Tensor, padding: Tensor, pooling: Pooling) -> Tensor:
-    """One vector per row out of its real tokens.
-
-    Args:
-        hidden: (B, T, dim) final hidden states.
-        padding: (B, T) bool, True at real tokens; rows may be padded on either side.
-        pooling: "last": the last real token (a causal model's summary of the whole row); "first": the first
-            real token (an encoder's [CLS]/``<bos>``); "mean": the mean over the real tokens.
-
-    Returns:
-        (B, dim).
-    """
-    padding = padding.to(torch.bool)
-    positions = torch.arange(hidden.shape[1], device=hidden.device)  # (T,)
-    if pooling == "mean":
-        weights = padding.to(hidden.dtype)[..., None]  # (B, T, 1)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-    if pooling == "last":
-        index = torch.where(padding, positions, -1).amax(1)  # (B,)
-    else:
-        index = torch.where(padding, positions, hidden.shape[1]).amin(1)  # (B,)
-    index = index.clamp(0, hidden.shape[1] - 1)
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (B, dim)
-
-
-class PooledLinear(nn.Module):
-    """Pool the real tokens, dropout, then a linear layer to the class logits.
-
-    Args:
-        dim: width of the hidden states.
-        n_classes: number of classes (C).
-        pooling: see :func:`pool`.
-        dropout: dropout on the pooled vector.
-    """
-
-    def __init__(self, dim: int, n_classes: int, pooling: Pooling, dropout: float) -> None:
-        super().__init__()
-        self.pooling = pooling
-        self.dropout = nn.Dropout(dropout)
-        self.proj = nn.Linear(dim, n_classes)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.proj.weight, std=0.02)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, hidden: Tensor, *, padding: Tensor) -> Tensor:
-        """hidden: (B, T, dim), padding: (B, T) bool -> class logits (B, C)."""
-        return self.proj(self.dropout(pool(hidden, padding, self.pooling)))
-
-
 class SequenceClassification(TrainingTask):
-    """Cross-entropy over class logits pooled from any backbone (Decoder, Encoder) with a ``hidden_states`` method.
+    """Cross-entropy over the class logits of a backbone (Decoder, Encoder) with a ``ClassificationHead``.
 
-    The class names come from ``classes`` or, when that is unset, from the data module's ``label_names``
-    (:class:`~lightningllm.data.ClassificationDataModule`), and are recorded in the checkpoint's
-    hyperparameters, so predictions name their classes. The head (pooling, dropout, a linear layer to the
-    classes) is built fresh.
+    The head pools the backbone's final hidden states over the real tokens (see
+    :func:`lightningllm.pooling.pool`) and projects them to the classes. It comes from the model's config
+    (``head: {class_path: ClassificationHead, init_args: {n_classes: 3}}``, loaded from the start weights when
+    they hold the same head); a model with another head (the LM head of a pretrained export) gets a fresh
+    ``ClassificationHead`` with this task's ``pooling`` and ``dropout``, and the log says so. Freezing is the
+    model's ``Freeze`` transform (``train: head`` trains the head only); it is applied again after a head
+    replacement, so a head tied to the embedding does not leave the embedding trainable.
 
-    Batches are ``{"input_ids": (B, T), "attention_mask": (B, T) bool, "labels": (B,)}`` right-padded.
+    The class names are ``classes`` if set, else the head's recorded ``labels``, else the data module's
+    ``label_names`` (:class:`~lightningllm.data.ClassificationDataModule`); where several are given they must
+    agree. They are written into the head's config, so the export and the checkpoint name the classes and
+    predictions are labelled.
+
+    Batches are ``{"input_ids": (B, T), "attention_mask": (B, T) bool, "labels": (B,)}`` (any padding side).
 
     Logs ``train/loss``, ``val/loss``, ``val/accuracy`` (micro), ``val/macro_f1`` (the unweighted mean of the
     per-class F1, so a small class counts as much as a large one) and the same under ``test/``. At the end of
     each validation the confusion matrix is drawn to ``confusion_matrix.png`` in the logger's folder (rows:
-    true class, columns: predicted).
+    true class, columns: predicted); at the start of ``fit`` the log gives the majority-class baseline.
 
     Args:
-        model: the backbone, already built (with its start weights).
+        model: the backbone, already built (with its start weights and transforms).
         optimizer: called with parameter groups; norms, biases and embeddings get no weight decay.
-        classes: the class names in class-id order; None takes the data module's ``label_names``.
-        pooling: how a row becomes one vector; None: "last" for a causal backbone (only its last token has
-            read the whole row), "first" for a bidirectional one (the ``<bos>``/[CLS] position).
-        dropout: dropout on the pooled vector.
-        trainable: "all" fine-tunes everything; "head" freezes the backbone and trains the head only.
+        classes: the class names in class-id order; None takes the head's or the data module's.
+        pooling: pooling of a head this task creates; None: "last" for a causal backbone (only its last token
+            has read the whole row), "first" for a bidirectional one (the ``<bos>``/[CLS] position).
+        dropout: dropout on the pooled vector of a head this task creates.
         class_weights: per-class loss weights in class-id order; "balanced" weighs each class by
             ``n_examples / (n_classes * n_examples_of_class)`` in the training data; None: equal.
         warmup_steps: linear warmup from zero.
@@ -116,7 +75,6 @@ class SequenceClassification(TrainingTask):
         classes: list[str] | None = None,
         pooling: Pooling | None = None,
         dropout: float = 0.0,
-        trainable: Trainable = "all",
         class_weights: list[float] | Literal["balanced"] | None = None,
         warmup_steps: int = 20,
         schedule: Schedule = "cosine",
@@ -125,31 +83,65 @@ class SequenceClassification(TrainingTask):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        _check_options(model, classes, pooling, dropout, trainable, class_weights)
+        check_model(model, "SequenceClassification")
+        _check_options(model, classes, pooling, dropout, class_weights)
         save_hyperparameters(self, injected=("model", "optimizer"))
         self.init_training(model, optimizer, warmup_steps, schedule, min_lr_ratio, activation_checkpointing, compile)
-        self.pooling: Pooling = pooling or ("last" if getattr(model, "causal", True) else "first")
-        self.dropout, self.trainable, self.class_weights = dropout, trainable, class_weights
+        self.pooling: Pooling = pooling or ("last" if model.causal else "first")
+        self.dropout, self.class_weights = dropout, class_weights
         self.label_names: list[str] | None = None
-        self.head: PooledLinear | None = None
-        if classes is not None:
-            self._build(list(classes))
+        names = classes if classes is not None else getattr(model.head, "labels", None)
+        if names is not None:
+            self._build(list(names))
 
     # --- classes, head and metrics -------------------------------------------------------------
-    def _build(self, labels: list[str]) -> None:
-        """Create the head and the metrics for ``labels`` (once)."""
-        self.label_names = labels
-        self.hparams["classes"] = labels  # load_from_checkpoint rebuilds the head before loading its weights
-        n = len(labels)
-        self.head = PooledLinear(self.model.dim, n, self.pooling, self.dropout)
+    def _build(self, names: list[str]) -> None:
+        """Fit the model's head to ``names`` and create the metrics (once)."""
+        self._fit_head(names)
+        self.label_names = names
+        self.hparams["classes"] = names  # load_from_checkpoint fits the head before loading its weights
+        n = len(names)
         for split in ("val", "test"):
             setattr(self, f"{split}_accuracy", MulticlassAccuracy(n, average="micro"))
             setattr(self, f"{split}_macro_f1", MulticlassF1Score(n, average="macro"))
             setattr(self, f"{split}_confusion", MulticlassConfusionMatrix(n))
-        if self.trainable == "head":
-            self.model.requires_grad_(False)
-        log.info("SequenceClassification: %d classes (%s), %s pooling, training %s", n, ", ".join(labels),
-                 self.pooling, "the head only" if self.trainable == "head" else "everything")  # fmt: skip
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        log.info("SequenceClassification: %d classes (%s), %s pooling, %d of %d parameters train", n,
+                 ", ".join(names), self.model.head.pooling, trainable,
+                 sum(p.numel() for p in self.model.parameters()))  # fmt: skip
+
+    def _fit_head(self, names: list[str]) -> None:
+        classification_head = get("head", "ClassificationHead")
+        head = self.model.head
+        if not isinstance(head, classification_head):
+            factory = partial(classification_head, n_classes=len(names), pooling=self.pooling, dropout=self.dropout)
+            head = self.model.replace_head(factory, reason="SequenceClassification needs class logits")
+            self._freeze_again()
+        elif head.n_classes != len(names):
+            raise ConfigError(
+                f"The model's ClassificationHead has n_classes={head.n_classes}, but there are {len(names)} classes "
+                f"({', '.join(names)}). Set the head's n_classes to {len(names)}, or leave the head out of the model "
+                "config and let SequenceClassification create it."
+            )
+        elif head.labels is not None and list(head.labels) != names:
+            raise ConfigError(
+                f"The model's ClassificationHead was trained for the classes {list(head.labels)}, not {names}: class "
+                "ids would mean different classes. Give the data the same classes in the same order."
+            )
+        elif self.hparams.get("pooling") not in (None, head.pooling):
+            raise ConfigError(
+                f"SequenceClassification pooling={self.hparams['pooling']!r}, but the model's ClassificationHead pools "
+                f"{head.pooling!r}. Set the pooling on the head (the task's pooling applies to a head it creates)."
+            )
+        head.labels = names
+        self.model.config["head"] = {**self.model.config["head"], "init_args": {
+            **(self.model.config["head"].get("init_args") or {}), "labels": names}}  # fmt: skip
+
+    def _freeze_again(self) -> None:
+        """Re-apply the model's Freeze transforms: they chose the trainable parameters before the head changed."""
+        for spec in self.model.config.get("transforms") or []:
+            if spec["class_path"].rsplit(".", 1)[-1] == "Freeze":
+                build_transform(spec).apply(self.model)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -158,7 +150,8 @@ class SequenceClassification(TrainingTask):
             if data_labels is None:
                 raise ConfigError(
                     "SequenceClassification does not know its classes: set classes (the class names in class-id "
-                    "order), or use a data module with label_names such as ClassificationDataModule."
+                    "order), give the model's ClassificationHead labels, or use a data module with label_names such "
+                    "as ClassificationDataModule."
                 )
             self._build(list(data_labels))
         elif data_labels is not None and list(data_labels) != self.label_names:
@@ -211,17 +204,12 @@ class SequenceClassification(TrainingTask):
         log.info("Class weights: %s", dict(zip(self.label_names, [round(w, 4) for w in weights.tolist()])))
         return weights
 
-    def configure_optimizers(self):
-        if self.head is None:
-            raise ConfigError("SequenceClassification has no head yet: its classes are unknown (set classes).")
-        return self.optimizers_for(nn.ModuleList([self.model, self.head]))
-
     # --- forward and loss ------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """input_ids: (B, T), attention_mask: (B, T) bool (True at real tokens) -> class logits (B, C)."""
         padding = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         hidden = _hidden_states(self.model, input_ids, padding)  # (B, T, dim)
-        return self.head(hidden, padding=padding)
+        return self.model.head(hidden, padding=padding)  # (B, C)
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Mean (class-weighted) cross-entropy and the logits (B, C)."""
@@ -231,8 +219,6 @@ class SequenceClassification(TrainingTask):
         return F.cross_entropy(logits.float(), batch["labels"], weight=weights), logits
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        if self.trainable == "head":
-            self.model.eval()  # a frozen backbone also keeps its dropout off
         loss, _ = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
@@ -293,38 +279,24 @@ def majority_baseline(train_labels: Tensor, val_labels: Tensor, n_classes: int) 
 
 def _hidden_states(model: nn.Module, input_ids: Tensor, padding: Tensor) -> Tensor:
     """(B, T) ids with their padding -> (B, T, dim), for a causal or a bidirectional backbone."""
-    if getattr(model, "causal", True):
-        # right padding: a causal query never sees the pads after it, so the fast causal kernel applies
-        right_padded = bool((padding[:, 1:] <= padding[:, :-1]).all())
-        mask = AttentionMask(causal=True, padding=None if right_padded else padding)
-        return model.hidden_states(input_ids, mask=mask)
-    return model.hidden_states(input_ids, attention_mask=padding)
+    # a causal query never sees the pads after it: right-padded rows keep the fast plain-causal kernel
+    right_padded = model.causal and bool((padding[:, 1:] <= padding[:, :-1]).all())
+    mask = AttentionMask(causal=model.causal, padding=None if right_padded else padding)
+    return model.hidden_states(input_ids, mask=mask)
 
 
-def _check_options(model, classes, pooling, dropout, trainable, class_weights) -> None:
-    if not hasattr(model, "hidden_states") or not hasattr(model, "dim"):
-        raise ConfigError(
-            f"SequenceClassification needs a backbone with hidden_states and dim (Decoder, Encoder); "
-            f"{type(model).__name__} has not."
-        )
+def _check_options(model, classes, pooling, dropout, class_weights) -> None:
     if classes is not None and (len(classes) < 2 or len(set(classes)) != len(classes)):
         raise ConfigError(f"SequenceClassification classes={classes!r} must be at least two distinct class names.")
-    if pooling not in (None, "last", "first", "mean"):
-        raise ConfigError(f"SequenceClassification pooling={pooling!r} is not one of 'last', 'first', 'mean'.")
-    if pooling == "last" and not getattr(model, "causal", True):
-        log.warning("pooling='last' on a bidirectional model: every position has read the whole row anyway")
-    if pooling == "first" and getattr(model, "causal", True):
+    if pooling is not None:
+        check_pooling(pooling, "SequenceClassification")
+    if pooling == "first" and model.causal:
         raise ConfigError(
             f"SequenceClassification pooling='first' on the causal {type(model).__name__}: its first token has read "
             "only itself, so every row would look alike. Use 'last' or 'mean' with a causal backbone."
         )
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"SequenceClassification dropout={dropout!r} must be in [0, 1).")
-    if trainable not in ("all", "head"):
-        raise ConfigError(
-            f"SequenceClassification trainable={trainable!r} is not allowed: 'all' fine-tunes everything, 'head' "
-            "trains the classification head on a frozen backbone."
-        )
     if isinstance(class_weights, str) and class_weights != "balanced":
         raise ConfigError(
             f"SequenceClassification class_weights={class_weights!r} is not allowed: give one weight per class, "

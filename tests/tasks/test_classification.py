@@ -13,10 +13,12 @@ from lightningllm.cli import main
 from lightningllm.data import ClassificationDataModule
 from lightningllm.errors import ConfigError
 from lightningllm.models import Encoder
+from lightningllm.pooling import pool
 from lightningllm.prediction_writer import PredictionWriter
 from lightningllm.registry import get
 from lightningllm.tasks import SequenceClassification
-from lightningllm.tasks.classification import majority_baseline, pool
+from lightningllm.tasks.classification import majority_baseline
+from lightningllm.transforms import Freeze
 from tests.conftest import build_decoder
 
 LABELS = ["has_z", "no_z"]
@@ -131,13 +133,32 @@ def test_metrics_match_a_hand_computation_and_the_confusion_matrix_is_drawn(tmp_
 def test_head_only_training_leaves_the_backbone_bit_identical(tmp_path, z_files):
     torch.manual_seed(0)
     data = z_data(z_files)
-    task = SequenceClassification(build_decoder(vocab_size=data.vocab_size), trainable="head")
-    backbone = {k: v.clone() for k, v in task.model.state_dict().items()}
+    # the LM head is tied to the embedding, so Freeze(head) first leaves the embedding trainable; replacing the
+    # head by a ClassificationHead must freeze it again
+    model = build_decoder(vocab_size=data.vocab_size, transforms=[Freeze(train="head")])
+    task = SequenceClassification(model, classes=LABELS)
+    assert type(task.model.head).__name__ == "ClassificationHead" and task.model.head.labels == LABELS
+    assert {n for n, p in task.model.named_parameters() if p.requires_grad} == {"head.proj.weight", "head.proj.bias"}
+    backbone = {k: v.clone() for k, v in task.model.state_dict().items() if not k.startswith("head.")}
+    head = task.model.head.proj.weight.clone()
     trainer(tmp_path, max_steps=5).fit(task, datamodule=data)
-    head = {k: v.clone() for k, v in task.head.state_dict().items()}
     assert all(torch.equal(v, task.model.state_dict()[k]) for k, v in backbone.items())
-    fresh = SequenceClassification(build_decoder(vocab_size=data.vocab_size), classes=LABELS)
-    assert not torch.equal(head["proj.weight"], fresh.head.state_dict()["proj.weight"])
+    assert not torch.equal(head, task.model.head.proj.weight)
+
+
+def test_a_classifier_export_keeps_its_labels_and_head(tmp_path, z_files):
+    from lightningllm.io import export, load
+
+    data = z_data(z_files)
+    task = SequenceClassification(build_decoder(vocab_size=data.vocab_size), classes=LABELS, pooling="mean")
+    export(task.model, tmp_path / "export", tokenizer=data.tokenizer)
+    model, _ = load(tmp_path / "export")
+    assert model.head.labels == LABELS and model.head.pooling == "mean"
+    again = SequenceClassification(model)  # the classes come from the head
+    assert again.label_names == LABELS and again.model.head is model.head
+    batch = next(iter(data.val_dataloader()))
+    torch.testing.assert_close(again(batch["input_ids"], batch["attention_mask"]),
+                               task.eval()(batch["input_ids"], batch["attention_mask"]))  # fmt: skip
 
 
 def test_balanced_class_weights_weigh_the_loss(tmp_path, z_files):
@@ -160,8 +181,8 @@ def test_bad_task_options_are_refused(z_files):
     decoder = build_decoder()
     with pytest.raises(ConfigError, match="pooling='first' on the causal Decoder"):
         SequenceClassification(decoder, pooling="first")
-    with pytest.raises(ConfigError, match="trainable='some'"):
-        SequenceClassification(decoder, trainable="some")
+    with pytest.raises(ConfigError, match="pooling='max' is not a pooling"):
+        SequenceClassification(decoder, pooling="max")
     task = SequenceClassification(decoder, classes=["a", "b", "c"])
     task.trainer = trainer(".")
     task.trainer.datamodule = z_data(z_files)
