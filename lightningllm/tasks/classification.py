@@ -265,7 +265,18 @@ class SequenceClassification(TrainingTask):
         name = CONFUSION_PNG if split == "val" else f"{split}_{CONFUSION_PNG}"
         title = f"{split}, step {self.global_step}"
         path = save_confusion_png(matrix, self.label_names, Path(folder) / name, title=title)
-        log.debug("Confusion matrix %s", path)
+        scores = confusion_scores(matrix)
+        log.info("%s at step %d: accuracy %.4f, macro F1 %.4f (%d examples); confusion matrix %s", split,
+                 self.global_step, scores["accuracy"], scores["macro_f1"], int(matrix.sum()), path)  # fmt: skip
+
+
+def confusion_scores(matrix: Tensor) -> dict[str, float]:
+    """Accuracy and macro F1 from a (C, C) confusion matrix (rows true, columns predicted; a class's F1 is 0
+    when it has no true positive)."""
+    matrix = matrix.double()
+    tp = matrix.diag()
+    f1 = 2 * tp / (matrix.sum(0) + matrix.sum(1)).clamp(min=1)  # 2TP / (2TP + FP + FN)
+    return {"accuracy": float(tp.sum() / matrix.sum().clamp(min=1)), "macro_f1": float(f1.mean())}
 
 
 def majority_baseline(train_labels: Tensor, val_labels: Tensor, n_classes: int) -> dict[str, float | int]:

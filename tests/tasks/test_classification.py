@@ -17,7 +17,7 @@ from lightningllm.pooling import pool
 from lightningllm.prediction_writer import PredictionWriter
 from lightningllm.registry import get
 from lightningllm.tasks import SequenceClassification
-from lightningllm.tasks.classification import majority_baseline
+from lightningllm.tasks.classification import confusion_scores, majority_baseline
 from lightningllm.transforms import Freeze
 from tests.conftest import build_decoder
 
@@ -126,6 +126,10 @@ def test_metrics_match_a_hand_computation_and_the_confusion_matrix_is_drawn(tmp_
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     assert logged["val/accuracy"] == pytest.approx(accuracy, abs=1e-6)
     assert logged["val/macro_f1"] == pytest.approx(sum(f1s) / 2, abs=1e-6)
+    matrix = torch.zeros(2, 2, dtype=torch.long)
+    for p, t in zip(predicted, true):
+        matrix[t, p] += 1
+    assert confusion_scores(matrix) == pytest.approx({"accuracy": accuracy, "macro_f1": sum(f1s) / 2})
     png = tmp_path / "logs" / "version_0" / "confusion_matrix.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -281,3 +285,10 @@ def test_majority_baseline_by_hand():
     baseline = majority_baseline(train, val, 3)
     # class 1: precision 1/4, recall 1/1, F1 = 2 * 0.25 / 1.25 = 0.4; classes 0 and 2: F1 0
     assert baseline == {"class": 1, "accuracy": 0.25, "macro_f1": pytest.approx(0.4 / 3)}
+
+
+def test_the_shipped_config_parses(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "configs/finetune/classify-shakespeare.yaml", "--print_config"])
+    assert exit_info.value.code == 0
+    assert "ShakespeareGenreDataModule" in capsys.readouterr().out
