@@ -1,4 +1,4 @@
-"""SequenceClassification: pooling, learning a tiny task, metrics by hand, the confusion PNG, predictions as JSONL."""
+"""SequenceClassification: learning a tiny task, metrics by hand, the confusion PNG, predictions as JSONL."""
 
 import json
 import random
@@ -13,7 +13,6 @@ from lightningllm.cli import main
 from lightningllm.data import ClassificationDataModule
 from lightningllm.errors import ConfigError
 from lightningllm.models import Encoder
-from lightningllm.pooling import pool
 from lightningllm.prediction_writer import PredictionWriter
 from lightningllm.registry import get
 from lightningllm.tasks import SequenceClassification
@@ -63,24 +62,6 @@ def trainer(tmp_path, **kwargs) -> L.Trainer:
                     enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu",
                     num_sanity_val_steps=0)  # fmt: skip
     return L.Trainer(**{**defaults, **kwargs})
-
-
-@pytest.mark.parametrize("pooling", ["last", "first", "mean"])
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_pooling_matches_a_naive_loop_over_padded_rows(pooling, side):
-    torch.manual_seed(0)
-    lengths = [5, 1, 3, 5]
-    hidden = torch.randn(4, 5, 8)
-    padding = torch.zeros(4, 5, dtype=torch.bool)
-    for row, n in enumerate(lengths):
-        padding[row, :n] = True
-    if side == "left":
-        padding = padding.flip(1)
-    expected = []
-    for row in range(4):
-        real = [hidden[row, t] for t in range(5) if padding[row, t]]
-        expected.append({"last": real[-1], "first": real[0], "mean": sum(real) / len(real)}[pooling])
-    torch.testing.assert_close(pool(hidden, padding, pooling), torch.stack(expected))
 
 
 def test_a_decoder_learns_whether_a_text_holds_a_z(tmp_path, z_files):
