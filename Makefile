@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 DEMO_CONFIG ?= configs/pretrain/shakespeare-char.yaml
 DEMO_EXPORT ?= runs/shakespeare-char/export
 CLASSIFY_CONFIG ?= configs/finetune/classify-shakespeare.yaml
-HEAD_ONLY := --model.model.transforms='[{class_path: Freeze, init_args: {train: head}}]'
+HEAD_ONLY := --model.model.transforms='[{class_path: Freeze, init_args: {train: head}}]' --model.optimizer.init_args.lr=1.0e-2
 
 .PHONY: install test test-slow demo finetune-demo lint bench clean
 
