@@ -280,6 +280,7 @@ def import_short_names() -> None:
     import lightningllm.data  # noqa: F401
     import lightningllm.models  # noqa: F401
     import lightningllm.monitoring  # noqa: F401
+    import lightningllm.prediction_writer  # noqa: F401
     import lightningllm.progress  # noqa: F401
     import lightningllm.run_summary  # noqa: F401
     import lightningllm.tasks  # noqa: F401

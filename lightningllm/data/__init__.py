@@ -1,13 +1,17 @@
 """DataModules, corpus sources and collation."""
 
+from lightningllm.data.classification import ClassificationDataModule
 from lightningllm.data.corpus import Document, corpus_fingerprint, load_corpus, read_shakespeare_archive
+from lightningllm.data.genre import ShakespeareGenreDataModule
 from lightningllm.data.prefix import PrefixLMDataModule, PrefixWindows
 from lightningllm.data.text import TextDataModule, TokenWindows
 
 __all__ = [
+    "ClassificationDataModule",
     "Document",
     "PrefixLMDataModule",
     "PrefixWindows",
+    "ShakespeareGenreDataModule",
     "TextDataModule",
     "TokenWindows",
     "corpus_fingerprint",

@@ -23,12 +23,14 @@ class ClassificationHead(Head):
         n_classes: number of classes (>= 2).
         pooling: ``last``, ``first`` or ``mean``.
         dropout: dropout on the pooled vector in training.
+        labels: the class names in class-id order, recorded so an export names its classes (None: unnamed).
         vocab_size, norm, embedding, logit_scale: passed by the model; unused.
     """
 
     def __init__(
-        self, *, dim: int, n_classes: int, pooling: Pooling = "last", dropout: float = 0.0, vocab_size: int = 0,
-        norm: NormFactory | None = None, embedding: nn.Embedding | None = None, logit_scale: float = 1.0,
+        self, *, dim: int, n_classes: int, pooling: Pooling = "last", dropout: float = 0.0,
+        labels: list[str] | None = None, vocab_size: int = 0, norm: NormFactory | None = None,
+        embedding: nn.Embedding | None = None, logit_scale: float = 1.0,
     ) -> None:  # fmt: skip
         super().__init__()
         if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
@@ -37,7 +39,12 @@ class ClassificationHead(Head):
                 ">= 2 (for one score per sequence use ScalarHead)."
             )
         check_pooling(pooling, "ClassificationHead")
-        self.n_classes, self.pooling = n_classes, pooling
+        if labels is not None and (len(labels) != n_classes or len(set(labels)) != n_classes):
+            raise ConfigError(
+                f"ClassificationHead labels={labels!r} must be n_classes={n_classes} distinct class names, in class-id "
+                "order (or null)."
+            )
+        self.n_classes, self.pooling, self.labels = n_classes, pooling, None if labels is None else list(labels)
         self.dropout = nn.Dropout(dropout)
         self.proj = nn.Linear(dim, n_classes)
 
