@@ -35,13 +35,13 @@ demo: install
 # full fine-tuning from the export (its checkpoint and export are the ones kept); each run logs the
 # majority-class baseline at its start and the held-out accuracy and macro F1 at its end.
 finetune-demo: install $(DEMO_EXPORT)/model.safetensors
-	$(CLI) fit --config $(CLASSIFY_CONFIG) --config configs/finetune/from-scratch.yaml --trainer.logger.init_args.name=random-init
-	$(CLI) fit --config $(CLASSIFY_CONFIG) $(HEAD_ONLY) --trainer.logger.init_args.name=head-only
-	$(CLI) fit --config $(CLASSIFY_CONFIG) --trainer.logger.init_args.name=full
+	$(CLI) fit --config $(CLASSIFY_CONFIG) --config configs/finetune/from-scratch.yaml --trainer.logger.init_args.name=random-init --overwrite true
+	$(CLI) fit --config $(CLASSIFY_CONFIG) $(HEAD_ONLY) --trainer.logger.init_args.name=head-only --overwrite true
+	$(CLI) fit --config $(CLASSIFY_CONFIG) --trainer.logger.init_args.name=full --overwrite true
 	$(CLI) predict --config $(CLASSIFY_CONFIG) --ckpt_path runs/classify-shakespeare/checkpoints/last.ckpt
 
 $(DEMO_EXPORT)/model.safetensors:
-	$(CLI) fit --config $(DEMO_CONFIG)
+	$(CLI) fit --config $(DEMO_CONFIG) --overwrite true
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
