@@ -30,8 +30,8 @@ def decoder_export(tmp_path, decoder_factory):
     with torch.no_grad():  # every hidden state is the final norm's bias b; ids past the tokenizer's score 4
         model.norm.weight.zero_()
         model.norm.bias.copy_(torch.randn(32))
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[tokenizer.vocab_size :] = 4 * model.norm.bias / model.norm.bias.square().sum()
+        model.head.weight.zero_()
+        model.head.weight[tokenizer.vocab_size :] = 4 * model.norm.bias / model.norm.bias.square().sum()
     export(model, tmp_path / "export", tokenizer=tokenizer)
     return tmp_path / "export", model, tokenizer
 

@@ -176,8 +176,8 @@ def test_vocab_limit_keeps_ids_the_tokenizer_has(decoder_factory):
     with torch.no_grad():  # every position's hidden state is the final norm's bias b; ids >= 30 score 5, others 0
         model.norm.weight.zero_()
         model.norm.bias.copy_(torch.randn(32))
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[30:] = 5 * model.norm.bias / model.norm.bias.square().sum()
+        model.head.weight.zero_()
+        model.head.weight[30:] = 5 * model.norm.bias / model.norm.bias.square().sum()
     prompts = prompts_of(LENGTHS, vocab=30)
     g = torch.Generator().manual_seed(0)
     unlimited = generate(model, prompts, 20, generator=g)[:, max(LENGTHS) :]
