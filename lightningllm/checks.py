@@ -43,18 +43,14 @@ def check_probability(owner: str, name: str, value: Any) -> None:
     check_number(owner, name, value, 0.0, 1.0, high_open=True, extra="(the probability of zeroing an activation)")
 
 
-def check_optimizer(owner: str, optimizer: Callable | None) -> None:
-    """Build ``optimizer`` over one probe parameter: a bad value (negative lr, betas >= 1) is refused before training.
+def build_optimizer(owner: str, optimizer: Callable, params: Any):
+    """``optimizer(params)``, with a bad value (negative lr, betas >= 1) refused as one paragraph before any step.
 
     torch's own message names the option and the value; this adds what is allowed and where to set it.
+    The user's factory is called once, on the real parameters (a factory may record what it builds).
     """
-    if optimizer is None:
-        return
-    import torch
-    from torch import nn
-
     try:
-        optimizer([nn.Parameter(torch.zeros(1))])
+        return optimizer(params)
     except ValueError as err:
         raise ConfigError(
             f"{owner}'s optimizer refuses its options: {err}. Learning rate, epsilon and weight decay must be "

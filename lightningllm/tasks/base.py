@@ -6,7 +6,7 @@ import lightning as L
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
-from lightningllm.checks import check_int, check_number, check_optimizer
+from lightningllm.checks import build_optimizer, check_int, check_number
 from lightningllm.contracts import prepare_distributed
 from lightningllm.strategies import prepare_blocks
 from lightningllm.tasks.optim import Schedule, param_groups, warmup_then_decay
@@ -41,7 +41,6 @@ class TrainingTask(L.LightningModule):
         owner = type(self).__name__
         check_int(owner, "warmup_steps", warmup_steps, minimum=0)
         check_number(owner, "min_lr_ratio", min_lr_ratio, 0.0, 1.0, extra="(the final learning rate over the peak)")
-        check_optimizer(owner, optimizer)
         self.model = model
         self.optimizer = optimizer
         self.warmup_steps, self.schedule, self.min_lr_ratio = warmup_steps, schedule, min_lr_ratio
@@ -52,7 +51,7 @@ class TrainingTask(L.LightningModule):
         prepare_blocks(self.model, activation_checkpointing=self.activation_checkpointing, compile=self.compile_blocks)
 
     def configure_optimizers(self):
-        optimizer = self.optimizer(param_groups(self.model))
+        optimizer = build_optimizer(type(self).__name__, self.optimizer, param_groups(self.model))
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
         scheduler = warmup_then_decay(optimizer, self.warmup_steps, total, self.schedule, self.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

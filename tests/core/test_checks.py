@@ -8,7 +8,7 @@ from functools import partial
 import pytest
 import torch
 
-from lightningllm.checks import check_int, check_number, check_optimizer, check_probability
+from lightningllm.checks import build_optimizer, check_int, check_number, check_probability
 from lightningllm.errors import ConfigError
 
 
@@ -46,5 +46,5 @@ def test_an_integer_at_least_the_minimum(value, ok):
                                           ({"betas": (1.5, 0.9)}, "beta")])  # fmt: skip
 def test_an_optimizer_refusing_its_options_is_a_config_error_naming_the_value(kwargs, word):
     with pytest.raises(ConfigError, match=word):
-        check_optimizer("CausalLM", partial(torch.optim.AdamW, **kwargs))
-    check_optimizer("CausalLM", partial(torch.optim.AdamW, lr=0.0))  # zero is allowed
+        build_optimizer("CausalLM", partial(torch.optim.AdamW, **kwargs), [torch.nn.Parameter(torch.zeros(1))])
+    build_optimizer("CausalLM", partial(torch.optim.AdamW, lr=0.0), [torch.nn.Parameter(torch.zeros(1))])  # zero is ok
