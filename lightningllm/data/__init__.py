@@ -1,11 +1,13 @@
 """DataModules, corpus sources and collation."""
 
 from lightningllm.data.corpus import Document, corpus_fingerprint, load_corpus, read_shakespeare_archive
+from lightningllm.data.instruction import InstructionDataModule
 from lightningllm.data.prefix import PrefixLMDataModule, PrefixWindows
 from lightningllm.data.text import TextDataModule, TokenWindows
 
 __all__ = [
     "Document",
+    "InstructionDataModule",
     "PrefixLMDataModule",
     "PrefixWindows",
     "TextDataModule",
