@@ -2,7 +2,7 @@
 
 ``fit``/``validate``/``test``/``predict`` are LightningCLI subcommands (YAML with
 ``class_path``/``init_args``, ``--print_config``); ``plugins`` lists the registry,
-``generate`` samples from an export folder, ``convert`` imports or exports Hugging Face
+``generate`` samples from an export folder, ``chat`` converses with one, ``convert`` imports or exports Hugging Face
 checkpoints and ``estimate`` prints what a configured run will cost before it starts. A user
 error prints one paragraph and exits 2; set ``LIGHTNINGLLM_TRACEBACK=1`` to see the traceback too.
 """
@@ -24,6 +24,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightningllm import registry
+from lightningllm.chat import chat_command
 from lightningllm.checkpoints import NAMED_CHECKPOINTS, CheckpointGuard, check_checkpoint_file, damaged
 from lightningllm.checks import check_int, check_number
 from lightningllm.errors import ConfigError, LightningLLMError, write_error
@@ -521,6 +522,7 @@ USAGE = """usage: lightningllm {fit,validate,test,predict} --config CONFIG.yaml 
        lightningllm plugins [KIND ...]
        lightningllm generate EXPORT_DIR --prompt TEXT [--max_new_tokens N --temperature T --top_k K --top_p P]
                              [--prefix_lm true]
+       lightningllm chat EXPORT_DIR [--template chat|alpaca|FILE.jinja] [--system TEXT]   (one turn per stdin line)
        lightningllm convert --from-hf HF_DIR --out EXPORT_DIR
        lightningllm convert --to-hf EXPORT_DIR --out HF_DIR [--family gpt2|llama|mistral|mixtral|bert]
        lightningllm estimate --config CONFIG.yaml [--key=value ...] [--device_memory_gib GIB]
@@ -543,6 +545,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "plugins": list_plugins,
     "generate": generate_command,
+    "chat": chat_command,
     "convert": convert_command,
     "estimate": estimate_command,
 }

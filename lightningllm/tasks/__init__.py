@@ -1,8 +1,9 @@
 """Training objectives as LightningModules; each receives an already-built model."""
 
 from lightningllm.tasks.causal_lm import CausalLM
+from lightningllm.tasks.instruction import InstructionTuning
 from lightningllm.tasks.masked_lm import MaskedLM
 from lightningllm.tasks.prefix_lm import PrefixLM
 from lightningllm.tasks.span_corruption import SpanCorruption
 
-__all__ = ["CausalLM", "MaskedLM", "PrefixLM", "SpanCorruption"]
+__all__ = ["CausalLM", "InstructionTuning", "MaskedLM", "PrefixLM", "SpanCorruption"]
