@@ -117,7 +117,7 @@ class InstructionDataModule(L.LightningDataModule):
     generation.
 
     Args:
-        tokenizer: a folder holding a saved tokenizer (an export folder: the model's own tokenizer).
+        tokenizer_dir: a folder holding a saved tokenizer (the start export: the model's own tokenizer).
         train: ``"shakespeare"`` or a JSON-lines file.
         val: a JSON-lines file; None with ``train: shakespeare`` holds out ``val_documents`` plays.
         template: a built-in prompt template (``alpaca``, ``chat``) or a path to a ``.jinja`` file.
@@ -136,7 +136,7 @@ class InstructionDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        tokenizer: str,
+        tokenizer_dir: str,
         train: str = SHAKESPEARE,
         val: str | None = None,
         template: str = "chat",
@@ -161,7 +161,7 @@ class InstructionDataModule(L.LightningDataModule):
                 "train: shakespeare holds out plays by itself)."
             )
         save_hyperparameters(self, injected=())
-        self.tokenizer: Tokenizer = Tokenizer.load(tokenizer)
+        self.tokenizer: Tokenizer = Tokenizer.load(tokenizer_dir)
         self.template = PromptTemplate(template)
         self.train_source, self.val_source = train, val
         self.seq_len, self.batch_size, self.pack, self.n_eval = seq_len, batch_size, pack, n_eval

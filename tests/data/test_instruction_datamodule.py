@@ -168,7 +168,7 @@ def test_bad_data_is_one_paragraph_and_exit_2_from_the_cli(tmp_path, tokenizer_d
                 "ffn": "MLP", "norm": "LayerNorm", "position": "LearnedPosition", "block": "PreNorm"}}},
         },
         "data": {"class_path": "lightningllm.data.InstructionDataModule",
-                 "init_args": {"tokenizer": tokenizer_dir, "train": train, "val": train}},
+                 "init_args": {"tokenizer_dir": tokenizer_dir, "train": train, "val": train}},
         "trainer": {"max_steps": 1, "logger": False, "enable_checkpointing": False, "default_root_dir": str(tmp_path)},
     }  # fmt: skip
     path = tmp_path / "run.yaml"
