@@ -1,4 +1,4 @@
-"""Instruction tuning throughput, packed vs one example per row, on the default task (configs/finetune/sft-shakespeare.yaml).
+"""Instruction tuning throughput, packed vs one example per row, on the default task (sft-shakespeare.yaml).
 
 Counts real tokens (padding excluded) per second of training steps (forward, backward, AdamW), alternating
 the two layouts in rounds so machine load hits both alike, and prints the ratio.
@@ -82,7 +82,8 @@ def main() -> None:
             speeds[pack].append(tokens_per_second(model, loaders[pack], args.steps))
     best = {pack: max(values) for pack, values in speeds.items()}
     print(
-        f"examples: {len(examples)}, mean {mean:.1f} tokens; rows of {data['seq_len']} tokens, {data['batch_size']} rows a batch"
+        f"examples: {len(examples)}, mean {mean:.1f} tokens; rows of {data['seq_len']} tokens, "
+        f"{data['batch_size']} rows a batch"
     )
     print(
         f"one example per row: {best[False]:.0f} real tokens/s (rounds: {', '.join(f'{v:.0f}' for v in speeds[False])})"
