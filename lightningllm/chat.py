@@ -126,9 +126,13 @@ def chat_command(args: Sequence[str]) -> None:
     parser.add_argument("--top_k", type=int | None, default=None)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--trust_code", type=bool, default=False,
+        help="Let the export's config.yaml import classes other than registered plugins and lightningllm's own.",
+    )  # fmt: skip
     cfg = parser.parse_args(list(args))
     template = PromptTemplate(cfg.template)
-    model, tokenizer = load(cfg.export_dir, device=cfg.device)
+    model, tokenizer = load(cfg.export_dir, device=cfg.device, trust_code=cfg.trust_code)
     if tokenizer is None:
         raise LightningLLMError(f"The export {cfg.export_dir!r} has no tokenizer, so a message cannot be encoded.")
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
