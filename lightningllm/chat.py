@@ -2,8 +2,8 @@
 
 The conversation is rendered by the same prompt template that trained the model; each reply is generated
 up to the end-of-turn token and joins the history, so the next turn sees the whole conversation (the oldest
-turns are dropped when it no longer fits the model's context). ``/reset`` starts a new conversation; end of
-input ends the chat. Piping works: ``printf 'hello\\nand then?\\n' | lightningllm chat runs/sft/export``.
+turns are dropped when it no longer fits the model's context). Within a line, ``\\n`` stands for a newline
+(a turn may span lines). ``/reset`` starts a new conversation; end of input ends the chat. Piping works: ``printf 'hello\\nand then?\\n' | lightningllm chat runs/sft/export``.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def run_chat(chat: Chat, lines: TextIO, out: TextIO) -> int:
         if text.strip() == RESET:
             chat.reset()
             continue
-        out.write(chat.reply(text) + "\n")
+        out.write(chat.reply(text.replace("\\n", "\n")) + "\n")
         out.flush()
         turns += 1
     return turns

@@ -101,13 +101,13 @@ def test_chat_keeps_the_history_and_stops_at_the_end_of_turn(decoder_factory, to
     template = PromptTemplate("chat")
     chat = Chat(model, tokenizer, template, max_new_tokens=5)
     out = io.StringIO()
-    assert run_chat(chat, io.StringIO("abc\n\nbcd\n"), out) == 2  # the blank line is no turn
+    assert run_chat(chat, io.StringIO("abc\n\nb\\ncd\n"), out) == 2  # the blank line is no turn
     assert [m["role"] for m in chat.history] == ["user", "assistant", "user", "assistant"]
     first, second = chat.history[1]["content"], chat.history[3]["content"]
     assert out.getvalue() == f"{first}\n{second}\n"
     user = [{"role": "user", "content": "abc"}]
     assert tokenizer.decode(naive_greedy(model, template.prompt_ids(tokenizer, user), tokenizer.eos_id, 5)) == first
-    history = [*user, {"role": "assistant", "content": first}, {"role": "user", "content": "bcd"}]
+    history = [*user, {"role": "assistant", "content": first}, {"role": "user", "content": "b\ncd"}]  # \\n read
     prompt = template.prompt_ids(tokenizer, history)  # the second turn sees the first exchange
     assert tokenizer.decode(naive_greedy(model, prompt, tokenizer.eos_id, 5)) == second
     chat.reset()
