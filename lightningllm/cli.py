@@ -367,7 +367,13 @@ def generate_command(args: Sequence[str]) -> None:
         raise LightningLLMError(f"The export {cfg.export_dir!r} has no tokenizer, so a text prompt cannot be encoded.")
     _refuse_encoder(model, cfg.export_dir)
     decode = partial(decode_with_sentinels, tokenizer)
+    if cfg.template is not None and hasattr(model, "decoder_for"):
+        raise LightningLLMError(
+            "--template applies to decoder exports; an encoder-decoder reads --prompt as its source."
+        )
     model, ids, echo, vocab_limit = _generation_inputs(model, tokenizer, cfg.prompt, cfg.num_samples, device)
+    if cfg.template is not None:  # the prompt is a user turn; print the assistant's reply only
+        ids, echo = _template_prompt(tokenizer, cfg.template, _unescape(cfg.prompt), ids.shape[0], device), ""
     stop = StopStrings([_unescape(s) for s in cfg.stop], decode) if cfg.stop else None
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     out = generate(
@@ -404,6 +410,14 @@ def _generation_inputs(
     return model, torch.tensor([[tokenizer.bos_id] + ids] * n, device=device), prompt, tokenizer.vocab_size
 
 
+def _template_prompt(tokenizer, template: str, prompt: str, n: int, device: torch.device) -> torch.Tensor:
+    """(n, T) ids of ``prompt`` as a user turn rendered by the prompt ``template``, ready for the reply."""
+    from lightningllm.prompt import PromptTemplate
+
+    ids = PromptTemplate(template).prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
+    return torch.tensor([ids] * n, device=device)
+
+
 def _generate_parser() -> ArgumentParser:
     parser = CommandParser(
         prog="lightningllm generate",
@@ -435,6 +449,11 @@ def _generate_parser() -> ArgumentParser:
         help="Where to run: cpu, cuda, cuda:N or mps (default: cuda when available).",
     )  # fmt: skip
     parser.add_argument("--trust_code", type=bool, default=False, help=TRUST_CODE_HELP)
+    parser.add_argument(
+        "--template", type=str | None, default=None,
+        help="Render --prompt as a user turn with this prompt template (alpaca, chat or a .jinja file; \\n is a "
+        "newline) and print the reply, which ends at the end-of-turn token.",
+    )  # fmt: skip
     return parser
 
 
@@ -522,6 +541,7 @@ USAGE = """usage: lightningllm {fit,validate,test,predict} --config CONFIG.yaml 
        lightningllm plugins [KIND ...]
        lightningllm generate EXPORT_DIR --prompt TEXT [--max_new_tokens N --temperature T --top_k K --top_p P]
                              [--prefix_lm true]
+       lightningllm generate EXPORT_DIR --template chat --prompt QUESTION   (an instruction-tuned export)
        lightningllm chat EXPORT_DIR [--template chat|alpaca|FILE.jinja] [--system TEXT]   (one turn per stdin line)
        lightningllm convert --from-hf HF_DIR --out EXPORT_DIR
        lightningllm convert --to-hf EXPORT_DIR --out HF_DIR [--family gpt2|llama|mistral|mixtral|bert]

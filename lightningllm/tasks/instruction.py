@@ -127,7 +127,7 @@ def real_tokens(batch: dict[str, Tensor]) -> Tensor:
 
 @torch.no_grad()
 def exact_match(
-    model: nn.Module, tokenizer, eval_set: list[tuple[list[int], str, str]], max_new_tokens: int
+    model: nn.Module, tokenizer, eval_set: list[tuple[list[int], str, str]], max_new_tokens: int, batch_size: int = 64
 ) -> dict[str, float]:
     """Greedy answers to each prompt, compared exactly (surrounding whitespace ignored) with the expected answer.
 
@@ -136,18 +136,22 @@ def exact_match(
         tokenizer: decodes the answers; its ``eos_id`` ends a turn.
         eval_set: ``(prompt_ids, answer, task)`` triples.
         max_new_tokens: the longest answer generated.
+        batch_size: prompts generated together (left-padded; each row stops at its own end of turn).
 
     Returns:
         ``{"exact_match": fraction, "exact_match/<task>": fraction per task}`` (empty for an empty set).
     """
     hits: dict[str, list[bool]] = {}
     device = next(model.parameters()).device
-    for prompt, answer, task in eval_set:
-        ids = torch.tensor([prompt], device=device)
-        budget = min(max_new_tokens, getattr(model, "max_seq_len", 10**9) - len(prompt))
-        out = generate(model, ids, max(budget, 0), temperature=0, eos_id=tokenizer.eos_id)[0, len(prompt) :].tolist()
-        text = tokenizer.decode(out[: out.index(tokenizer.eos_id)] if tokenizer.eos_id in out else out)
-        hits.setdefault(task, []).append(text.strip() == answer.strip())
+    eos = tokenizer.eos_id
+    for start in range(0, len(eval_set), batch_size):
+        chunk = eval_set[start : start + batch_size]
+        prompts = [torch.tensor(prompt, device=device) for prompt, _, _ in chunk]
+        out = generate(model, prompts, max_new_tokens, temperature=0, eos_id=eos, pad_id=tokenizer.pad_id,
+                       vocab_limit=tokenizer.vocab_size, return_logprobs=True)  # fmt: skip
+        for (_, answer, task), ids in zip(chunk, out.completions()):
+            text = tokenizer.decode(ids[: ids.index(eos)] if eos in ids else ids)
+            hits.setdefault(task, []).append(text.strip() == answer.strip())
     if not hits:
         return {}
     everything = [hit for task_hits in hits.values() for hit in task_hits]

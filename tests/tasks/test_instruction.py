@@ -140,3 +140,13 @@ def test_chat_with_a_template_without_a_response_slot_exits_2(decoder_factory, t
     err = capsys.readouterr().err
     assert info.value.code == 2
     assert "has no usable response slot" in err and "Traceback" not in err and err.strip().count("\n") == 0
+
+
+def test_generate_with_a_template_prints_the_reply_a_chat_turn_gets(decoder_factory, tokenizer, tmp_path, capsys):
+    torch.manual_seed(0)
+    model = decoder_factory(vocab_size=tokenizer.vocab_size, max_seq_len=64).eval()
+    export(model, tmp_path / "export", tokenizer=tokenizer)
+    reply = Chat(model, tokenizer, PromptTemplate("chat"), max_new_tokens=4).reply("a\nbc")
+    args = ["--template", "chat", "--prompt", "a\\nbc", "--temperature", "0", "--max_new_tokens", "4"]
+    main(["generate", str(tmp_path / "export"), *args])
+    assert capsys.readouterr().out == reply + "\n"
