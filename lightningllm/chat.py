@@ -3,7 +3,8 @@
 The conversation is rendered by the same prompt template that trained the model; each reply is generated
 up to the end-of-turn token and joins the history, so the next turn sees the whole conversation (the oldest
 turns are dropped when it no longer fits the model's context). Within a line, ``\\n`` stands for a newline
-(a turn may span lines). ``/reset`` starts a new conversation; end of input ends the chat. Piping works: ``printf 'hello\\nand then?\\n' | lightningllm chat runs/sft/export``.
+(a turn may span lines). ``/reset`` starts a new conversation; end of input ends the chat. Piping works:
+``printf 'hello\\nand then?\\n' | lightningllm chat runs/sft-shakespeare/export``.
 """
 
 from __future__ import annotations
