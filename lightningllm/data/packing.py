@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightningllm.tasks.causal_lm import IGNORE_INDEX
+from lightningllm.contracts import IGNORE_INDEX
 
 Example = tuple[list[int], list[bool]]
 PAD_DOCUMENT = -1

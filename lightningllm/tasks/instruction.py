@@ -9,12 +9,12 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
-from lightningllm.contracts import aux_loss
+from lightningllm.contracts import IGNORE_INDEX, aux_loss
 from lightningllm.errors import ConfigError
 from lightningllm.generation import generate
 from lightningllm.hparams import save_hyperparameters
 from lightningllm.mask import AttentionMask
-from lightningllm.tasks.causal_lm import IGNORE_INDEX, CausalLM
+from lightningllm.tasks.causal_lm import CausalLM
 from lightningllm.tasks.optim import Schedule
 
 Normalisation = Literal["token", "sequence"]

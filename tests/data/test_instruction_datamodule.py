@@ -8,12 +8,12 @@ import pytest
 import yaml
 
 from lightningllm.cli import main
+from lightningllm.contracts import IGNORE_INDEX
 from lightningllm.data.corpus import Document
 from lightningllm.data.instruction import InstructionDataModule, read_jsonl
 from lightningllm.data.instruction_shakespeare import shakespeare_instructions, speeches
 from lightningllm.errors import ConfigError, DataError
 from lightningllm.registry import get
-from lightningllm.tasks.causal_lm import IGNORE_INDEX
 
 PLAY = """THE TRAGEDY OF {title}
 

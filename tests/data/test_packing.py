@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
+from lightningllm.contracts import IGNORE_INDEX
 from lightningllm.data.packing import collate_packed, collate_padded, pack, training_pair
-from lightningllm.tasks.causal_lm import IGNORE_INDEX
 from lightningllm.tasks.instruction import packed_inputs, real_tokens, response_loss
 
 
