@@ -2,7 +2,7 @@
 
 ``fit``/``validate``/``test``/``predict`` are LightningCLI subcommands (YAML with
 ``class_path``/``init_args``, ``--print_config``); ``plugins`` lists the registry,
-``generate`` samples from an export folder, ``convert`` imports or exports Hugging Face
+``generate`` samples from an export folder, ``chat`` converses with one, ``convert`` imports or exports Hugging Face
 checkpoints and ``estimate`` prints what a configured run will cost before it starts. A user
 error prints one paragraph and exits 2; set ``LIGHTNINGLLM_TRACEBACK=1`` to see the traceback too.
 """
@@ -24,6 +24,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightningllm import registry
+from lightningllm.chat import chat_command
 from lightningllm.checkpoints import NAMED_CHECKPOINTS, CheckpointGuard, check_checkpoint_file, damaged
 from lightningllm.checks import check_int, check_number
 from lightningllm.errors import ConfigError, LightningLLMError, write_error
@@ -373,7 +374,13 @@ def generate_command(args: Sequence[str]) -> None:
         raise LightningLLMError(f"The export {cfg.export_dir!r} has no tokenizer, so a text prompt cannot be encoded.")
     _refuse_encoder(model, cfg.export_dir)
     decode = partial(decode_with_sentinels, tokenizer)
+    if cfg.template is not None and hasattr(model, "decoder_for"):
+        raise LightningLLMError(
+            "--template applies to decoder exports; an encoder-decoder reads --prompt as its source."
+        )
     model, ids, echo, vocab_limit = _generation_inputs(model, tokenizer, cfg.prompt, cfg.num_samples, device)
+    if cfg.template is not None:  # the prompt is a user turn; print the assistant's reply only
+        ids, echo = _template_prompt(tokenizer, cfg.template, _unescape(cfg.prompt), ids.shape[0], device), ""
     stop = StopStrings([_unescape(s) for s in cfg.stop], decode) if cfg.stop else None
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     out = generate(
@@ -410,6 +417,14 @@ def _generation_inputs(
     return model, torch.tensor([[tokenizer.bos_id] + ids] * n, device=device), prompt, tokenizer.vocab_size
 
 
+def _template_prompt(tokenizer, template: str, prompt: str, n: int, device: torch.device) -> torch.Tensor:
+    """(n, T) ids of ``prompt`` as a user turn rendered by the prompt ``template``, ready for the reply."""
+    from lightningllm.prompt import PromptTemplate
+
+    ids = PromptTemplate(template).prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
+    return torch.tensor([ids] * n, device=device)
+
+
 def _generate_parser() -> ArgumentParser:
     parser = CommandParser(
         prog="lightningllm generate",
@@ -441,6 +456,11 @@ def _generate_parser() -> ArgumentParser:
         help="Where to run: cpu, cuda, cuda:N or mps (default: cuda when available).",
     )  # fmt: skip
     parser.add_argument("--trust_code", type=bool, default=False, help=TRUST_CODE_HELP)
+    parser.add_argument(
+        "--template", type=str | None, default=None,
+        help="Render --prompt as a user turn with this prompt template (alpaca, chat or a .jinja file; \\n is a "
+        "newline) and print the reply, which ends at the end-of-turn token.",
+    )  # fmt: skip
     return parser
 
 
@@ -528,6 +548,8 @@ USAGE = """usage: lightningllm {fit,validate,test,predict} --config CONFIG.yaml 
        lightningllm plugins [KIND ...]
        lightningllm generate EXPORT_DIR --prompt TEXT [--max_new_tokens N --temperature T --top_k K --top_p P]
                              [--prefix_lm true]
+       lightningllm generate EXPORT_DIR --template chat --prompt QUESTION   (an instruction-tuned export)
+       lightningllm chat EXPORT_DIR [--template chat|alpaca|FILE.jinja] [--system TEXT]   (one turn per stdin line)
        lightningllm convert --from-hf HF_DIR --out EXPORT_DIR
        lightningllm convert --to-hf EXPORT_DIR --out HF_DIR [--family gpt2|llama|mistral|mixtral|bert]
        lightningllm estimate --config CONFIG.yaml [--key=value ...] [--device_memory_gib GIB]
@@ -550,6 +572,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "plugins": list_plugins,
     "generate": generate_command,
+    "chat": chat_command,
     "convert": convert_command,
     "estimate": estimate_command,
 }

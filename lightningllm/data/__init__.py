@@ -3,12 +3,14 @@
 from lightningllm.data.classification import ClassificationDataModule
 from lightningllm.data.corpus import Document, corpus_fingerprint, load_corpus, read_shakespeare_archive
 from lightningllm.data.genre import ShakespeareGenreDataModule
+from lightningllm.data.instruction import InstructionDataModule
 from lightningllm.data.prefix import PrefixLMDataModule, PrefixWindows
 from lightningllm.data.text import TextDataModule, TokenWindows
 
 __all__ = [
     "ClassificationDataModule",
     "Document",
+    "InstructionDataModule",
     "PrefixLMDataModule",
     "PrefixWindows",
     "ShakespeareGenreDataModule",

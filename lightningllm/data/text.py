@@ -232,22 +232,7 @@ class TextDataModule(L.LightningDataModule):
         if len(documents) == 1:
             self._splits = self._split_single_document(documents[0])
             return self._splits
-        n = len(documents)
-        order = sorted(range(n), key=lambda i: documents[i].name)
-        random.Random(self.seed).shuffle(order)
-        n_val = _holdout_count(self.val_documents, n)
-        n_test = 0 if self.test_documents is None else _holdout_count(self.test_documents, n)
-        if n_val + n_test > n - 1:
-            raise DataError(
-                f"Corpus {self.corpus!r} has {n} documents, too few to hold out val_documents="
-                f"{self.val_documents!r} ({n_val}) and test_documents={self.test_documents!r} ({n_test}) and "
-                "still train on at least one. Lower the holdout or use a corpus with more documents."
-            )
-        val_ids, test_ids = set(order[:n_val]), set(order[n_val : n_val + n_test])
-        val = [d for i, d in enumerate(documents) if i in val_ids]
-        test = [d for i, d in enumerate(documents) if i in test_ids] if n_test else val
-        train = [d for i, d in enumerate(documents) if i not in val_ids and i not in test_ids]
-        self._splits = {"train": train, "val": val, "test": test}
+        self._splits = split_by_document(documents, self.val_documents, self.test_documents, self.seed, self.corpus)
         return self._splits
 
     def _split_single_document(self, document: Document) -> dict[str, list[Document]]:
@@ -406,6 +391,33 @@ def _check_holdout(name: str, value: Any) -> None:
             f"TextDataModule {name}={value!r} is not allowed: give a number of whole documents to hold out (an "
             "integer >= 1) or a fraction of the documents (a float strictly between 0 and 1)."
         )
+
+
+def split_by_document(
+    documents: list[Document], val_documents: int | float, test_documents: int | float | None, seed: int, corpus: str
+) -> dict[str, list[Document]]:
+    """Hold out whole documents: a shuffle of the sorted names seeded with ``seed``; the first ones validate.
+
+    Returns ``{"train", "val", "test"}`` (``test`` is ``val`` when ``test_documents`` is None), each in corpus
+    order. The same arguments give the same split to every data module (a fine-tuning run can evaluate on
+    the documents its pretraining held out).
+    """
+    n = len(documents)
+    order = sorted(range(n), key=lambda i: documents[i].name)
+    random.Random(seed).shuffle(order)
+    n_val = _holdout_count(val_documents, n)
+    n_test = 0 if test_documents is None else _holdout_count(test_documents, n)
+    if n_val + n_test > n - 1:
+        raise DataError(
+            f"Corpus {corpus!r} has {n} documents, too few to hold out val_documents="
+            f"{val_documents!r} ({n_val}) and test_documents={test_documents!r} ({n_test}) and "
+            "still train on at least one. Lower the holdout or use a corpus with more documents."
+        )
+    val_ids, test_ids = set(order[:n_val]), set(order[n_val : n_val + n_test])
+    val = [d for i, d in enumerate(documents) if i in val_ids]
+    test = [d for i, d in enumerate(documents) if i in test_ids] if n_test else val
+    train = [d for i, d in enumerate(documents) if i not in val_ids and i not in test_ids]
+    return {"train": train, "val": val, "test": test}
 
 
 def _holdout_count(value: int | float, n_documents: int) -> int:

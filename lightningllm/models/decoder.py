@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -75,7 +73,7 @@ class Decoder(TransformerStack):
         init_std: float = 0.02,
         overrides: list[LayerOverride] | None = None,
         head: HeadFactory | None = None,
-        start_weights: str | os.PathLike | None = None,
+        start_weights: str | None = None,
         transforms: list[Transform] | None = None,
     ) -> None:
         super().__init__(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor, nn
 
@@ -94,7 +92,7 @@ class Encoder(TransformerStack):
         init_std: float = 0.02,
         overrides: list[LayerOverride] | None = None,
         head: HeadFactory | None = None,
-        start_weights: str | os.PathLike | None = None,
+        start_weights: str | None = None,
         transforms: list[Transform] | None = None,
     ) -> None:
         if isinstance(n_segments, bool) or not isinstance(n_segments, int) or n_segments < 0:

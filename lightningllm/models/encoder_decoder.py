@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -182,7 +181,7 @@ class EncoderDecoder(ModelLifecycle, nn.Module):
         decoder_start_id: int = 2,
         pad_id: int = 0,
         head: HeadFactory | None = None,
-        start_weights: str | os.PathLike | None = None,
+        start_weights: str | None = None,
         transforms: list[Transform] | None = None,
     ) -> None:
         super().__init__()

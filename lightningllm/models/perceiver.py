@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor, nn
 
@@ -170,7 +168,7 @@ class PerceiverEncoder(TransformerStack):
         init_std: float = 0.02,
         overrides: list[LayerOverride] | None = None,
         head: HeadFactory | None = None,
-        start_weights: str | os.PathLike | None = None,
+        start_weights: str | None = None,
         transforms: list[Transform] | None = None,
     ) -> None:
         for name, value in {"n_latents": n_latents, "n_cross_layers": n_cross_layers}.items():

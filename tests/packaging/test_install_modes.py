@@ -138,6 +138,10 @@ def test_wheel_holds_lightningllm_plugins_and_no_top_level_plugins(installs):
     assert not any(name.startswith("plugins/") for name in names)
     missing = installs["python_files"] - names
     assert not missing, f"missing from the wheel: {sorted(missing)}"
+    templates = {
+        f"lightningllm/prompt_templates/{p.name}" for p in (ROOT / "lightningllm/prompt_templates").glob("*.jinja")
+    }
+    assert templates and templates <= names  # package data: the prompt templates the code reads at run time
     assert "[lightningllm.plugins]" in entry_points_text
     assert "builtin = lightningllm_plugins" in entry_points_text
     assert "lightningllm = lightningllm.cli:main" in entry_points_text
