@@ -42,7 +42,7 @@ finetune-demo: install $(DEMO_EXPORT)/model.safetensors
 	$(CLI) fit --config $(CLASSIFY_CONFIG) --trainer.logger.init_args.name=full --overwrite true
 	$(CLI) predict --config $(CLASSIFY_CONFIG) --ckpt_path runs/classify-shakespeare/checkpoints/last.ckpt
 	$(CLI) validate --config $(SFT_CONFIG)
-	$(CLI) fit --config $(SFT_CONFIG) --model.model.start_weights=null --trainer.logger.init_args.name=random-init --overwrite true
+	$(CLI) fit --config $(SFT_CONFIG) --config configs/finetune/from-scratch.yaml --trainer.logger.init_args.name=random-init --overwrite true
 	$(CLI) fit --config $(SFT_CONFIG) --trainer.logger.init_args.name=pretrained --overwrite true
 
 $(DEMO_EXPORT)/model.safetensors:

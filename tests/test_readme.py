@@ -10,6 +10,7 @@ Commands that need what this machine lacks say so in the README and are skipped 
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import shlex
@@ -173,9 +174,12 @@ def tiny_export(path: Path) -> None:
     export(model, path, tokenizer=tokenizer)
 
 
-def test_every_other_command_runs_as_written(workdir, capsys):
-    """generate (on a small export where the demo writes its own), estimate, plugins and convert (both ways)."""
+def test_every_other_command_runs_as_written(workdir, capsys, monkeypatch):
+    """generate (on a small export where the demo writes its own), estimate, plugins, convert (both ways) and chat
+    (one turn on its standard input)."""
     from lightningllm.cli import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Who speaks next?\n"))
 
     tiny_export(workdir / "runs/shakespeare-char/export")
     tiny_export(workdir / "export")
@@ -189,7 +193,7 @@ def test_every_other_command_runs_as_written(workdir, capsys):
         out = capsys.readouterr().out
         assert out.strip(), f"{command!r} printed nothing"
         ran.append(command.split()[1])
-    assert {"generate", "estimate", "plugins", "convert"} <= set(ran)
+    assert {"generate", "estimate", "plugins", "convert", "chat"} <= set(ran)
 
 
 def test_the_python_example_runs_as_written(workdir):
