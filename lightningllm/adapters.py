@@ -93,9 +93,37 @@ def set_active_adapters(model: nn.Module, names: list[str] | str) -> None:
 
 
 def merge_adapters(model: nn.Module) -> None:
-    """Fold every active adapter into its base weights (outputs unchanged up to rounding; faster inference)."""
-    for _, module in adapter_modules(model):
-        module.merge()
+    """Fold every active adapter into its base weights (outputs unchanged up to rounding; faster inference).
+
+    Raises:
+        AdapterError: an adapter that cannot merge (the reason is named); nothing stays merged then.
+    """
+    try:
+        for _, module in adapter_modules(model):
+            module.merge()
+    except LightningLLMError:
+        unmerge_adapters(model)
+        raise
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge the active adapters and put the plain modules back: a model without adapters that computes what
+    the adapted one did, whose config no longer names the adapters (so :func:`lightningllm.io.export` writes
+    a plain export). Inactive adapters are dropped.
+
+    Raises:
+        AdapterError: an adapter that cannot merge (the model is left as it was).
+    """
+    merge_adapters(model)
+    for name, module in reversed(adapter_modules(model)):  # inner modules first
+        parent, _, child = name.rpartition(".")
+        if name:
+            setattr(model.get_submodule(parent), child, module.unload())
+    config = getattr(model, "config", None)
+    if isinstance(config, dict) and config.get("transforms"):
+        adapters = adapter_specs(model)
+        config["transforms"] = [spec for spec in config["transforms"] if spec not in adapters]
+    return model
 
 
 def unmerge_adapters(model: nn.Module) -> None:
@@ -211,7 +239,7 @@ def _refuse_merged(modules: list[AdapterModule], action: str) -> None:
 
 
 __all__ = [
-    "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterError", "adapter_modules", "adapter_names",
-    "adapter_specs", "adapter_state_dict", "disabled", "load_adapter", "merge_adapters", "save_adapter",
+    "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterError", "adapter_modules", "adapter_names", "adapter_specs",
+    "adapter_state_dict", "disabled", "load_adapter", "merge_adapters", "merge_and_unload", "save_adapter",
     "set_active_adapters", "unmerge_adapters",
 ]  # fmt: skip

@@ -427,6 +427,10 @@ class AdapterModule(nn.Module):
         """Take the merged adapters back out of the base weights."""
         raise NotImplementedError
 
+    def unload(self) -> nn.Module:
+        """The plain module to put back in this one's place once its adapters are merged (or dropped)."""
+        raise NotImplementedError
+
 
 class Model(Protocol):
     """What tasks, generation and estimate may rely on, for Decoder, Encoder, EncoderDecoder and PerceiverEncoder.

@@ -133,6 +133,9 @@ class LoRALinear(AdapterModule):
             while self.merged:
                 self.base_layer.weight.sub_(self.delta_weight(self.merged.pop()).to(self.base_layer.weight.dtype))
 
+    def unload(self) -> nn.Module:
+        return self.base_layer
+
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names()}, active={self.active}, merged={self.merged}"
 

@@ -19,6 +19,7 @@ from lightningllm.adapters import (
     disabled,
     load_adapter,
     merge_adapters,
+    merge_and_unload,
     save_adapter,
     set_active_adapters,
     unmerge_adapters,
@@ -108,10 +109,26 @@ def test_merge_equals_the_unmerged_model_and_unmerge_restores_the_base(decoder_f
     torch.testing.assert_close(model(x), before, rtol=0, atol=1e-5)
 
 
-def test_merge_into_a_head_tied_to_the_embedding_is_refused(decoder_factory):
-    model = decoder_factory(tie_embeddings=True, transforms=[LoRA(rank=2, targets=["head"])])
+def test_merge_into_a_head_tied_to_the_embedding_is_refused_and_nothing_stays_merged(decoder_factory):
+    model = decoder_factory(tie_embeddings=True, transforms=[LoRA(rank=2, targets=["q_proj", "head"])])
     with pytest.raises(AdapterError, match="shared with another module"):
-        merge_adapters(model)
+        merge_and_unload(model)
+    assert not any(m.merged for m in model.modules() if isinstance(m, LoRALinear))
+    assert isinstance(model.blocks[0].attention.q_proj, LoRALinear)
+
+
+def test_merge_and_unload_exports_a_plain_model_with_the_adapted_outputs(decoder_factory, tmp_path):
+    from lightningllm.io import export, load
+
+    model = llama(decoder_factory, transforms=[LoRA(rank=4, targets=ALL)])
+    randomise_b(model)
+    x = ids()
+    adapted = model(x)
+    export(merge_and_unload(model), tmp_path / "merged")
+    assert model.config["transforms"] == [] and not adapter_names(model)
+    loaded, _ = load(tmp_path / "merged")
+    assert not any(".lora_" in n or ".base_layer." in n for n in loaded.state_dict())
+    torch.testing.assert_close(loaded(x), adapted, rtol=0, atol=1e-5)
 
 
 def test_base_weights_stay_bit_identical_while_the_loss_falls(decoder_factory, tmp_path):
