@@ -314,3 +314,35 @@ def test_lora_on_a_converted_llama_matches_peft(tmp_path, rslora):
         with theirs.disable_adapter():
             moved = (theirs(input_ids=x).logits - ours(x)).abs().max().item()
     assert diff < 1e-5 and moved > 1e-2, (diff, moved)
+
+
+def test_fsdp_with_lora_trains_on_two_gloo_processes_and_keeps_the_start_weights(
+    decoder_factory, adapter_run, tmp_path
+):
+    import subprocess
+    import sys
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from lightningllm.io import export
+
+    start = decoder_factory(vocab_size=38, dim=32, n_heads=4, max_seq_len=32, tie_embeddings=False, ffn="SwiGLU",
+                            norm="RMSNorm", position="RoPE")  # fmt: skip
+    export(start, tmp_path / "start")  # 38: the CharTokenizer's size on the fixture's text
+    config_path = adapter_run(tmp_path, [{"class_path": "LoRA", "init_args": {"rank": 4, "targets": ALL}}], steps=3)
+    config = yaml.safe_load(config_path.read_text())
+    config["model"]["init_args"]["model"]["init_args"].update(start_weights=str(tmp_path / "start"))
+    config["trainer"].update(accelerator="cpu", devices=2, logger=False, val_check_interval=None, limit_val_batches=0,
+                             strategy={"class_path": "lightningllm.strategies.FSDPStrategy",
+                                       "init_args": {"state_dict_type": "sharded"}})  # fmt: skip
+    config_path.write_text(yaml.safe_dump(config))
+    done = subprocess.run([sys.executable, "-m", "lightningllm.cli", "fit", "--config", str(config_path)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    trained = load_file(tmp_path / "export" / "model.safetensors")
+    base = start.state_dict()
+    for name, tensor in trained.items():
+        if ".lora_" not in name:
+            assert torch.equal(tensor, base[name.replace(".base_layer.", ".")]), f"frozen {name} changed under FSDP"
+    assert any(t.any() for n, t in trained.items() if ".lora_B." in n)  # the adapters trained
