@@ -188,17 +188,16 @@ class LoRA(Adapter):
     def apply(self, model: nn.Module) -> None:
         """Wrap every targeted linear of ``model`` (or add to its wrapper), freeze all but this adapter."""
         layers = self._matching_layers(model)
-        shared = _shared_parameters(model)
         for name, layer in layers:
             self._check_fits(name, layer)
+        shared = _shared_parameters(model)
+        wrappers = []
         for name, layer in layers:
             wrapper = layer if isinstance(layer, LoRALinear) else _wrap(model, name, layer)
             wrapper.shared_weight = id(wrapper.base_layer.weight) in shared
             wrapper.add_adapter(self.name, self.rank, self.scaling, self.dropout, self.init)
-        mine = set()
-        for name, _ in layers:
-            wrapper = model.get_submodule(name)
-            mine |= {id(wrapper.get_parameter(p)) for p in wrapper.adapter_params(self.name)}
+            wrappers.append(wrapper)
+        mine = {id(wrapper.get_parameter(p)) for wrapper in wrappers for p in wrapper.adapter_params(self.name)}
         for param in model.parameters():
             param.requires_grad_(id(param) in mine)
         total = sum(p.numel() for p in model.parameters())

@@ -90,6 +90,14 @@ def test_a_lora_head_scales_its_update_like_its_logits(decoder_factory):
     torch.testing.assert_close(head(hidden), expected, rtol=0, atol=1e-6)
 
 
+def test_the_trainable_count_and_share_are_logged_when_applied(decoder_factory, caplog):
+    caplog.set_level("INFO", logger="lightningllm_plugins.adapter.lora")
+    model = llama(decoder_factory, transforms=[LoRA(rank=8)])
+    lora = 2 * (8 * (32 + 32) + 8 * (32 + 16))  # 2 blocks of q_proj (32 -> 32) and v_proj (32 -> 2 kv heads x 8)
+    total = sum(p.numel() for p in model.parameters())
+    assert f"on 4 layers: {lora} of {total} parameters train ({100 * lora / total:.3f}%)" in caplog.text
+
+
 def test_merge_equals_the_unmerged_model_and_unmerge_restores_the_base(decoder_factory):
     model = llama(decoder_factory, transforms=[LoRA(rank=4, targets=ALL)])
     randomise_b(model)
