@@ -11,7 +11,7 @@ init_args: {qk_norm: true}}`` becomes ``partial(MultiHeadAttention, qk_norm=True
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import torch
@@ -383,6 +383,55 @@ class Transform:
         raise NotImplementedError
 
 
+class Adapter(Transform):
+    """A transform that adds trainable modules to a frozen model: LoRA and the other parameter-efficient methods.
+
+    ``apply(model)`` puts :class:`AdapterModule` s in place of (or beside) the modules it targets, under the
+    adapter's :attr:`name`, and leaves only the adapter's parameters trainable. The model-wide operations
+    act on every adapter module of a model (:mod:`lightningllm.adapters`): ``merge_adapters`` /
+    ``unmerge_adapters``, the ``disabled(model)`` context (a policy with adapters off is its own reference
+    model), ``set_active_adapters`` and the adapter-only state dict that ``save_adapter`` / ``load_adapter``
+    write and read.
+    """
+
+    #: the adapter's name in its modules' ``ModuleDict`` s (several adapters may live on one model)
+    name: str = "default"
+
+
+class AdapterModule(nn.Module):
+    """A module holding one or more named adapters (PEFT's layer; torchtune's ``AdapterModule`` protocol).
+
+    Attributes:
+        enabled: False turns every adapter of the module off (the module computes what the base model did).
+        active: names of the adapters that take part in ``forward``.
+        merged: names of the adapters folded into the base weights (they no longer add in ``forward``).
+    """
+
+    enabled: bool
+    active: list[str]
+    merged: list[str]
+
+    def adapter_names(self) -> list[str]:
+        """Names of the adapters this module holds, in the order they were added."""
+        raise NotImplementedError
+
+    def adapter_params(self, name: str) -> list[str]:
+        """Names (relative to this module, as in its ``state_dict``) of adapter ``name``'s parameters."""
+        raise NotImplementedError
+
+    def merge(self) -> None:
+        """Fold the active adapters into the base weights, where the math allows; raise with the reason where not."""
+        raise NotImplementedError
+
+    def unmerge(self) -> None:
+        """Take the merged adapters back out of the base weights."""
+        raise NotImplementedError
+
+    def unload(self) -> nn.Module:
+        """The plain module to put back in this one's place once its adapters are merged (or dropped)."""
+        raise NotImplementedError
+
+
 class Model(Protocol):
     """What tasks, generation and estimate may rely on, for Decoder, Encoder, EncoderDecoder and PerceiverEncoder.
 
@@ -446,28 +495,6 @@ def check_model(model: Any, user: str) -> None:
             "protocol (lightningllm.contracts.Model). Use Decoder, Encoder, EncoderDecoder or PerceiverEncoder from "
             "lightningllm.models, or give the module those attributes."
         )
-
-
-class Adapter:
-    """Parameter-efficient fine-tuning: changes matching sub-modules of a built model in place.
-
-    Adapters touch only ``nn.Linear``, ``nn.Embedding`` and attention's public
-    ``*_proj`` attributes, so they compose with every attention plugin.
-
-    Args:
-        targets: glob patterns over module names, e.g. ``["*.q_proj", "*.v_proj"]``.
-    """
-
-    def __init__(self, targets: Sequence[str] = ("*.q_proj", "*.v_proj")) -> None:
-        self.targets = list(targets)
-
-    def apply(self, model: nn.Module) -> nn.Module:
-        """Swap matching modules and mark only adapter parameters trainable."""
-        raise NotImplementedError
-
-    def merge(self, model: nn.Module) -> nn.Module:
-        """Fold adapter weights back into the base modules where the math allows."""
-        raise NotImplementedError
 
 
 def aux_loss(model: nn.Module) -> Tensor | float:

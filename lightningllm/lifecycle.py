@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightningllm import registry
 from lightningllm.config import class_name, factory_of, resolve, spec_of
 from lightningllm.contracts import Head, HeadFactory, NormFactory, Transform
 from lightningllm.errors import ConfigError
@@ -120,5 +121,8 @@ def lifecycle_kwargs(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_transform(spec: dict[str, Any]) -> Transform:
-    """A transform from its ``{class_path, init_args}``."""
-    return resolve(spec["class_path"], "transform")(**(spec.get("init_args") or {}))
+    """A transform from its ``{class_path, init_args}``: a registered transform, a registered adapter (an
+    adapter is a transform), or a class by its import path."""
+    class_path = spec["class_path"]
+    kind = "adapter" if "." not in class_path and class_path in registry.available("adapter") else "transform"
+    return resolve(class_path, kind)(**(spec.get("init_args") or {}))

@@ -54,14 +54,15 @@ class RunSummary(L.Callback):
             self.val.append((trainer.global_step, float(trainer.callback_metrics[VAL_LOSS])))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        log_dir = trainer.log_dir  # a broadcast under DDP and FSDP: every rank must ask, or rank 0 waits for the others
         if not trainer.is_global_zero:
             return
-        log.info("%s", self.summary(trainer, time.perf_counter() - self._started))
+        log.info("%s", self.summary(trainer, time.perf_counter() - self._started, log_dir))
         if self.plot and (self.train or self.val):
-            plot_losses(self.train, self.val, Path(trainer.log_dir or trainer.default_root_dir) / PLOT_NAME)
+            plot_losses(self.train, self.val, Path(log_dir or trainer.default_root_dir) / PLOT_NAME)
 
-    def summary(self, trainer: L.Trainer, seconds: float) -> str:
-        """The closing paragraph of a run, one fact per line."""
+    def summary(self, trainer: L.Trainer, seconds: float, log_dir: str | None = None) -> str:
+        """The closing paragraph of a run, one fact per line (``log_dir``: the Trainer's, read on every rank)."""
         lines = [f"Run finished: {trainer.global_step} steps in {format_duration(seconds)}."]
         finite = [(step, loss) for step, loss in self.val if math.isfinite(loss)]
         if finite:
@@ -75,8 +76,8 @@ class RunSummary(L.Callback):
                     lines.append(f"  checkpoint: {path}")
             elif type(callback).__name__ == "Export" and Path(getattr(callback, "dirpath", "")).is_dir():
                 lines.append(f"  export: {callback.dirpath}")
-        if trainer.log_dir:
-            lines.append(f"  logs: {trainer.log_dir}")
+        if log_dir:
+            lines.append(f"  logs: {log_dir}")
         return "\n".join(lines)
 
 
