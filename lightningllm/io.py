@@ -203,6 +203,19 @@ def _check_weights_fit(model: nn.Module, weights: Path) -> None:
         )
 
 
+def canonical_names(model: nn.Module) -> tuple[list[str], dict[str, str]]:
+    """Our weight names, each shared tensor once; and {alias name: the name it shares a tensor with}."""
+    seen: dict[int, str] = {}
+    canonical, aliases = [], {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            aliases[name] = seen[id(tensor)]
+        else:
+            seen[id(tensor)] = name
+            canonical.append(name)
+    return canonical, aliases
+
+
 def _is_tied_alias(name: str, found: dict, expected: dict) -> bool:
     # save_model drops one name of each shared tensor (e.g. a tied lm_head.weight)
     return any(other in found and expected[other] == expected[name] for other in expected if other != name)

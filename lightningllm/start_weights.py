@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lightningllm.errors import ConfigError
+from lightningllm.io import canonical_names
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def load_start_weights(model: nn.Module, path: str | os.PathLike) -> None:
         StartWeightsError: the backbone tensors do not match (listed by name and shape).
     """
     state, source_config = read_start_weights(path)
-    canonical, aliases = _canonical(model)
+    canonical, aliases = canonical_names(model)
     ours = model.state_dict()
     backbone = [n for n in canonical if not n.startswith(HEAD_PREFIX)]
     _check_backbone(model, path, backbone, ours, state)
@@ -103,19 +104,6 @@ def _check_backbone(model: nn.Module, path, backbone: list[str], ours: dict, sta
 def _listed(names: list[str], shown: int = 8) -> str:
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
-
-
-def _canonical(model: nn.Module) -> tuple[list[str], dict[str, str]]:
-    """State-dict names, each shared tensor once; and {alias: the name it shares its tensor with}."""
-    seen: dict[int, str] = {}
-    canonical, aliases = [], {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:
-            aliases[name] = seen[id(tensor)]
-        else:
-            seen[id(tensor)] = name
-            canonical.append(name)
-    return canonical, aliases
 
 
 def _load(model: nn.Module, state: dict[str, Tensor], aliases: dict[str, str]) -> None:

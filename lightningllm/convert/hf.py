@@ -41,7 +41,7 @@ from lightningllm.convert.table import (
     with_plugin_defaults,
 )
 from lightningllm.errors import ConfigError
-from lightningllm.io import check_target, export, load
+from lightningllm.io import canonical_names, check_target, export, load
 from lightningllm.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 CONFIG = "config.json"
@@ -236,7 +236,7 @@ def _build_loaded(
     """Our model with the checkpoint's tensors in it (built on the meta device, then assigned)."""
     with torch.device("meta"):
         model = family.model_class.from_config(config)
-    canonical, aliases = _canonical_names(model)
+    canonical, aliases = canonical_names(model)
     targets = {name: tensor for name, tensor in model.state_dict().items()}
     plan, alias_hf = _plan(family, canonical, aliases, model.config)
     expected = {name for hf, _, weight in plan for name in _hf_names(hf, weight)} | set(alias_hf)
@@ -295,19 +295,6 @@ def _assign(
 def _set_parameter(model: nn.Module, name: str, parameter: nn.Parameter) -> None:
     owner, _, attr = name.rpartition(".")
     setattr(model.get_submodule(owner) if owner else model, attr, parameter)
-
-
-def _canonical_names(model: nn.Module) -> tuple[list[str], dict[str, str]]:
-    """Our weight names, each shared tensor once; and {alias name: the name it shares a tensor with}."""
-    seen: dict[int, str] = {}
-    canonical, aliases = [], {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:
-            aliases[name] = seen[id(tensor)]
-        else:
-            seen[id(tensor)] = name
-            canonical.append(name)
-    return canonical, aliases
 
 
 def _plan(
@@ -455,7 +442,7 @@ def to_hf(
     HF_FOLDER.check(Path(hf_dir))  # before the conversion's work, not after
     model, tokenizer = load(export_dir, trust_code=trust_code)
     table, hf_config = _export_family(model, family, str(export_dir))
-    canonical, aliases = _canonical_names(model)
+    canonical, aliases = canonical_names(model)
     plan, _ = _plan(table, canonical, aliases, model.config)
     state = model.state_dict()
     base = table.base_architecture is not None and hf_config.get("architectures") == [table.base_architecture]
