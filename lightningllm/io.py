@@ -6,6 +6,7 @@ never leaves a half-written export, and a failed export never damages an existin
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from lightningllm.atomic import FolderRule, atomic_directory, recover
 from lightningllm.config import code_trust, import_class
 from lightningllm.errors import ExportError, LightningLLMError, UnsafeConfigError, write_error
 from lightningllm.tokenizer import META_FILE, Tokenizer, saved_files
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -53,6 +56,12 @@ def export(model: nn.Module, directory: str | os.PathLike, tokenizer: Tokenizer 
             f"The tokenizer has {tokenizer.vocab_size} tokens but the model only {config['vocab_size']}; "
             "refusing to export a pair that cannot work together."
         )
+    if tokenizer is not None and tokenizer.vocab_size < config.get("vocab_size", tokenizer.vocab_size):
+        log.warning(
+            "Exporting a model of vocab_size %d with a tokenizer of %d tokens: ids %d..%d decode to no text "
+            "(span-corruption sentinels, or unused rows); generate never samples them from a decoder.",
+            config["vocab_size"], tokenizer.vocab_size, tokenizer.vocab_size, config["vocab_size"] - 1,
+        )  # fmt: skip
     directory = Path(directory)
     with atomic_directory(directory, replace=EXPORT_FOLDER) as staging:
         spec = {"class_path": f"{type(model).__module__}.{type(model).__qualname__}", "init_args": config}

@@ -52,6 +52,17 @@ def test_tokenizer_larger_than_vocab_is_refused(tmp_path, decoder_factory):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_vocabulary_larger_than_the_tokenizer_is_reported_at_export(tmp_path, decoder_factory, caplog):
+    tokenizer = trained_char_tokenizer()
+    with caplog.at_level("WARNING", logger="lightningllm.io"):
+        export(decoder_factory(vocab_size=tokenizer.vocab_size + 3), tmp_path / "x", tokenizer=tokenizer)
+    assert f"ids {tokenizer.vocab_size}..{tokenizer.vocab_size + 2} decode to no text" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lightningllm.io"):
+        export(decoder_factory(vocab_size=tokenizer.vocab_size), tmp_path / "y", tokenizer=tokenizer)
+    assert "decode to no text" not in caplog.text
+
+
 def test_failed_export_leaves_previous_export_intact(tmp_path, decoder_factory, monkeypatch):
     target = tmp_path / "export"
     export(decoder_factory(), target)
