@@ -344,7 +344,12 @@ class Head(nn.Module):
     ``load`` rebuilds it); a task that needs another one calls the model's ``replace_head``.
     Parameters: ``reset_parameters()`` initialises the head's own (the model's build-time rule
     covers its ``nn.Linear`` children, see :mod:`lightningllm.init`).
+
+    ``outputs`` says what ``forward`` gives, so a task can tell whether the head serves it: ``"tokens"``
+    (logits over the vocabulary), ``"classes"``, ``"score"`` or ``"hidden"`` (no head).
     """
+
+    outputs: str = "tokens"
 
     def forward(self, hidden: Tensor, *, padding: Tensor | None = None) -> Tensor:
         """hidden: (B, T, dim) -> the head's output ((B, T, vocab_size), (B, n_classes), (B,), ...).

@@ -6,6 +6,7 @@ import lightning as L
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from lightningllm import registry
 from lightningllm.checks import build_optimizer, check_int, check_number
 from lightningllm.contracts import prepare_distributed
 from lightningllm.strategies import prepare_blocks
@@ -45,6 +46,16 @@ class TrainingTask(L.LightningModule):
         self.optimizer = optimizer
         self.warmup_steps, self.schedule, self.min_lr_ratio = warmup_steps, schedule, min_lr_ratio
         self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
+
+    @staticmethod
+    def ensure_token_head(model: nn.Module, task: str, head: str = "LMHead") -> None:
+        """Give ``model`` a fresh ``head`` plugin (registered name) unless its head already gives token logits.
+
+        A backbone exported with a classifier or a score head, started from by a language-modelling task,
+        gets the head this task needs; the model's log line says so.
+        """
+        if model.head.outputs != "tokens":
+            model.replace_head(registry.get("head", head), reason=f"{task} needs logits over the vocabulary")
 
     def configure_model(self) -> None:
         prepare_distributed(self)  # before DDP wraps the module and the optimizer sees the parameters

@@ -56,6 +56,7 @@ class CausalLM(TrainingTask):
     def check_model(self, model: nn.Module) -> None:
         """Refuse, before training, a model this task cannot train (here: one that attends bidirectionally)."""
         check_model(model, type(self).__name__)
+        self.ensure_token_head(model, type(self).__name__)
         if not model.causal:
             raise ConfigError(
                 f"CausalLM needs a causal model, but {type(model).__name__} attends bidirectionally: every "

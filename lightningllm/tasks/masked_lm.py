@@ -124,6 +124,7 @@ class MaskedLM(TrainingTask):
         super().__init__()
         save_hyperparameters(self, injected=("model", "optimizer"))
         check_model(model, "MaskedLM")
+        self.ensure_token_head(model, "MaskedLM", head="MaskedLMHead")
         model_vocab_size = model.vocab_size
         if vocab_size is not None and vocab_size > model_vocab_size:
             raise ConfigError(

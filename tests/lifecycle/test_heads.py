@@ -106,3 +106,22 @@ def test_replacing_the_head_gives_a_fresh_one_records_it_and_logs(decoder_factor
     assert "replaced the LMHead head by a new ClassificationHead (a classifier needs class logits)" in caplog.text
     assert abs(head.proj.weight.std().item() - 0.02) < 0.005 and not head.proj.bias.any()  # the model's init_std
     assert model(torch.randint(0, 50, (2, 6))).shape == (2, 4)
+
+
+def test_a_language_modelling_task_gives_a_classifier_backbone_a_token_head_and_says_so(decoder_factory, caplog):
+    from lightningllm.tasks import CausalLM
+
+    model = decoder_factory()
+    model.replace_head(partial(ClassificationHead, n_classes=4), "fine-tuned as a classifier")
+    with caplog.at_level(logging.INFO, logger="lightningllm.lifecycle"):
+        task = CausalLM(model)
+    assert task.model.head.outputs == "tokens"
+    assert "replaced the ClassificationHead head by a new LMHead (CausalLM needs logits over the vocabulary)" in (
+        caplog.text
+    )
+    ids = torch.randint(0, 50, (2, 7))
+    task.loss(ids)[0].backward()  # next-token logits (2, 6, vocab) and a loss that trains
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lightningllm.lifecycle"):
+        CausalLM(decoder_factory())  # already a token head: kept
+    assert "replaced" not in caplog.text

@@ -27,6 +27,8 @@ class ClassificationHead(Head):
         vocab_size, norm, embedding, logit_scale: passed by the model; unused.
     """
 
+    outputs = "classes"
+
     def __init__(
         self, *, dim: int, n_classes: int, pooling: Pooling = "last", dropout: float = 0.0,
         labels: list[str] | None = None, vocab_size: int = 0, norm: NormFactory | None = None,

@@ -19,6 +19,8 @@ class NoHead(Head):
         dim, vocab_size, norm, embedding, logit_scale: passed by the model; unused.
     """
 
+    outputs = "hidden"
+
     def __init__(
         self, *, dim: int = 0, vocab_size: int = 0, norm: NormFactory | None = None,
         embedding: nn.Embedding | None = None, logit_scale: float = 1.0,

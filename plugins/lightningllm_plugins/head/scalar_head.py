@@ -26,6 +26,8 @@ class ScalarHead(Head):
         vocab_size, norm, embedding, logit_scale: passed by the model; unused.
     """
 
+    outputs = "score"
+
     def __init__(
         self, *, dim: int, pooling: Literal["last", "first", "mean", "token"] = "last", dropout: float = 0.0,
         vocab_size: int = 0, norm: NormFactory | None = None, embedding: nn.Embedding | None = None,
