@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 from torch import nn
 
 from lightningllm.atomic import FolderRule, atomic_directory, recover
@@ -113,7 +113,8 @@ def load(
     with code_trust(trust_code, f"{str(directory / CONFIG_FILE)!r}"):
         model = _build(spec, directory / CONFIG_FILE)
         _check_weights_fit(model, directory / WEIGHTS_FILE)
-        load_model(model, str(directory / WEIGHTS_FILE), strict=True, device=device)
+        state = _current_names(load_file(str(directory / WEIGHTS_FILE), device=device), model)
+        model.load_state_dict(state, strict=False)  # _check_weights_fit: only tied aliases are absent
         check_finite(model.state_dict(), str(directory / WEIGHTS_FILE))
         tokenizer = Tokenizer.load(directory) if (directory / META_FILE).is_file() else None
     vocab_size = spec["init_args"].get("vocab_size")
@@ -193,6 +194,7 @@ def _check_weights_fit(model: nn.Module, weights: Path) -> None:
             f"{str(weights)!r} ({size} bytes) is not a complete safetensors file ({err}); it was probably "
             "truncated by a full disk or an interrupted copy. Export the model again, or copy the file again."
         ) from None
+    found = _current_names(found, model)
     missing = [n for n in expected if n not in found and not _is_tied_alias(n, found, expected)]
     unexpected = [n for n in found if n not in expected]
     wrong = [f"{n}: {found[n]} vs {expected[n]}" for n in found if n in expected and found[n] != expected[n]]
@@ -210,6 +212,18 @@ def _check_weights_fit(model: nn.Module, weights: Path) -> None:
             f"The weights in {str(weights)!r} do not fit the architecture in its config.yaml ({details}). "
             "The export was probably written by a different architecture or edited by hand."
         )
+
+
+def _current_names(state: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """``state`` with the names of earlier exports (the model's ``renamed_weights`` prefixes) as the model names them
+    now; names the model has are kept as they are."""
+    renamed, ours = getattr(model, "renamed_weights", {}), model.state_dict()
+
+    def current(name: str) -> str:
+        old = next((prefix for prefix in renamed if name.startswith(prefix)), None)
+        return renamed[old] + name[len(old) :] if old and name not in ours else name
+
+    return {current(name): value for name, value in state.items()}
 
 
 def canonical_names(model: nn.Module) -> tuple[list[str], dict[str, str]]:

@@ -46,6 +46,8 @@ class ModelLifecycle:
 
     #: registered head a model gets when its config names none
     default_head = "LMHead"
+    #: {name prefix in exports written before the head slot: its name now}; loading renames them
+    renamed_weights: dict[str, str] = {"lm_head.": "head."}
 
     def build_head(
         self, head: HeadFactory | None, *, norm: NormFactory, embedding: nn.Embedding | None, logit_scale: float

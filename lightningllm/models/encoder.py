@@ -70,6 +70,7 @@ class Encoder(TransformerStack):
 
     causal = False
     default_head = "MaskedLMHead"  # every position sees the whole sequence
+    renamed_weights = {"transform.": "head.transform.", "transform_norm.": "head.norm.", "lm_head.": "head.proj."}
 
     def __init__(
         self,

@@ -313,3 +313,33 @@ def test_modules_of_registered_plugins_are_trusted_and_others_are_not(monkeypatc
     assert not is_trusted_module("lightningllm_evil") and not is_trusted_module("os")
     monkeypatch.setitem(registry._sources, ("norm", "ThirdPartyNorm"), "acme_plugins.norms")
     assert is_trusted_module("acme_plugins.norms") and not is_trusted_module("acme_plugins")
+
+
+def _rename_saved_weights(path, renames: dict[str, str]) -> None:
+    """Rewrite an export's weights under the names an earlier lightningllm wrote (prefix -> old prefix)."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(path))
+    old = {}
+    for name, tensor in state.items():
+        prefix = next((p for p in renames if name.startswith(p)), None)
+        old[renames[prefix] + name[len(prefix) :] if prefix else name] = tensor
+    save_file(old, str(path))
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+def test_an_export_written_before_the_head_slot_loads_with_the_same_outputs(tmp_path, decoder_factory, kind):
+    """Untied decoder heads were saved as ``lm_head``; BERT's head as ``transform``, ``transform_norm``, ``lm_head``."""
+    from tests.models.test_encoder import build_encoder
+
+    torch.manual_seed(0)
+    if kind == "decoder":
+        model, renames = decoder_factory(tie_embeddings=False), {"head.": "lm_head."}
+    else:
+        model = build_encoder(tie_embeddings=False)
+        renames = {"head.transform.": "transform.", "head.norm.": "transform_norm.", "head.proj.": "lm_head."}
+    export(model, tmp_path / "old")
+    _rename_saved_weights(tmp_path / "old" / WEIGHTS_FILE, renames)
+    loaded, _ = load(tmp_path / "old")
+    ids = torch.randint(0, 50, (2, 9))
+    torch.testing.assert_close(loaded(ids), model.eval()(ids), rtol=0, atol=0)
