@@ -264,6 +264,7 @@ def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
+    name = name.removesuffix(".base_layer")  # a layer another adapter wraps (a bottleneck) keeps its name
     last = name.rsplit(".", 1)[-1]
     return any(fnmatch.fnmatchcase(last, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
 
