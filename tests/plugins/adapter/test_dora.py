@@ -239,3 +239,45 @@ def test_a_dora_head_scales_its_output_like_its_logits(decoder_factory):
     m = head.lora_magnitude_vector["default"].weight
     expected = head.base_layer.logit_scale * hidden @ (m[:, None] * v / v.norm(dim=1, keepdim=True)).T
     torch.testing.assert_close(head(hidden), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow  # two processes, about 20 s on 2 cores
+def test_fsdp_with_ia3_then_dora_on_two_gloo_processes_trains_dora_and_keeps_the_start_weights(
+    decoder_factory, adapter_run, tmp_path
+):
+    import subprocess
+    import sys
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from lightningllm.io import export
+
+    start = decoder_factory(vocab_size=38, dim=32, n_heads=4, max_seq_len=32, tie_embeddings=False, ffn="SwiGLU",
+                            norm="RMSNorm", position="RoPE")  # fmt: skip
+    export(start, tmp_path / "start")  # 38: the CharTokenizer's size on the fixture's text
+    transforms = [  # the newest adapter trains: IA3 stays at its ones, through FSDP's meta path
+        {"class_path": "IA3", "init_args": {"name": "ia3"}},
+        {"class_path": "DoRA", "init_args": {"rank": 4, "targets": ["q_proj", "o_proj", "gate_proj", "up_proj"]}},
+    ]
+    config_path = adapter_run(tmp_path, transforms, steps=3)
+    config = yaml.safe_load(config_path.read_text())
+    config["model"]["init_args"]["model"]["init_args"].update(start_weights=str(tmp_path / "start"))
+    config["trainer"].update(accelerator="cpu", devices=2, logger=False, val_check_interval=None, limit_val_batches=0,
+                             strategy={"class_path": "lightningllm.strategies.FSDPStrategy",
+                                       "init_args": {"state_dict_type": "sharded"}})  # fmt: skip
+    config_path.write_text(yaml.safe_dump(config))
+    done = subprocess.run([sys.executable, "-m", "lightningllm.cli", "fit", "--config", str(config_path)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    trained = load_file(tmp_path / "export" / "model.safetensors")
+    base = start.state_dict()
+    for name, tensor in trained.items():
+        if ".lora_" not in name and ".ia3_l." not in name:
+            assert torch.equal(tensor, base[name.replace(".base_layer.", ".")]), f"frozen {name} changed under FSDP"
+    assert any(t.any() for n, t in trained.items() if ".lora_B." in n)  # DoRA trained
+    ia3 = [t for n, t in trained.items() if ".ia3_l." in n]
+    assert len(ia3) == 6 and all(torch.equal(t, torch.ones_like(t)) for t in ia3)
+    magnitude = trained["blocks.0.attention.q_proj.lora_magnitude_vector.default.weight"]
+    start_norm = base["blocks.0.attention.q_proj.weight"].norm(dim=1)
+    assert 0 < (magnitude - start_norm).abs().max() < 0.1  # began at ||W|| of the start weights, then trained
