@@ -163,6 +163,10 @@ class LoRA(Adapter):
         name: the adapter's name; another LoRA with another name adds a second adapter to the same layers.
     """
 
+    #: the wrappers this adapter puts around a plain linear and a linear head (a subclass may bring its own)
+    layer_class: type[LoRALinear] = LoRALinear
+    head_class: type[LoRALinear] = LoRAHead
+
     def __init__(
         self,
         rank: int = 8,
@@ -174,7 +178,7 @@ class LoRA(Adapter):
         name: str = "default",
     ) -> None:
         targets = list(targets) if targets is not None else ["q_proj", "v_proj"]
-        _check_options(rank, alpha, targets, dropout, init, name)
+        _check_options(rank, alpha, targets, dropout, init, name, type(self).__name__)
         self.rank, self.alpha, self.targets, self.dropout = rank, alpha, targets, dropout
         self.rslora, self.init, self.name = rslora, init, name
         self.config = {"rank": rank, "alpha": alpha, "targets": targets, "dropout": dropout, "rslora": rslora,
@@ -193,17 +197,26 @@ class LoRA(Adapter):
         shared = _shared_parameters(model)
         wrappers = []
         for name, layer in layers:
-            wrapper = layer if isinstance(layer, LoRALinear) else _wrap(model, name, layer)
+            wrapper = layer if isinstance(layer, LoRALinear) else self._wrap(model, name, layer)
             wrapper.shared_weight = id(wrapper.base_layer.weight) in shared
-            wrapper.add_adapter(self.name, self.rank, self.scaling, self.dropout, self.init)
+            self._add_to(wrapper)
             wrappers.append(wrapper)
         mine = {id(wrapper.get_parameter(p)) for wrapper in wrappers for p in wrapper.adapter_params(self.name)}
         for param in model.parameters():
             param.requires_grad_(id(param) in mine)
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("LoRA %r (rank %d, alpha %g) on %d layers: %d of %d parameters train (%.3f%%)", self.name,
-                 self.rank, self.alpha, len(layers), trainable, total, 100 * trainable / total)  # fmt: skip
+        log.info("%s %r (rank %d, alpha %g) on %d layers: %d of %d parameters train (%.3f%%)", type(self).__name__,
+                 self.name, self.rank, self.alpha, len(layers), trainable, total, 100 * trainable / total)  # fmt: skip
+
+    def _wrap(self, model: nn.Module, name: str, layer: nn.Linear) -> LoRALinear:
+        parent_name, _, child = name.rpartition(".")
+        wrapper = (self.head_class if isinstance(layer, Head) else self.layer_class)(layer)
+        setattr(model.get_submodule(parent_name), child, wrapper)
+        return wrapper
+
+    def _add_to(self, wrapper: LoRALinear) -> None:
+        wrapper.add_adapter(self.name, self.rank, self.scaling, self.dropout, self.init)
 
     def _matching_layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         candidates = _linear_layers(model)
@@ -211,9 +224,9 @@ class LoRA(Adapter):
         if not found:
             names = sorted({name.rsplit(".", 1)[-1] for name, _ in candidates})
             raise ConfigError(
-                f"LoRA targets {self.targets} match no linear layer of {type(model).__name__}. Its linear layers "
-                f"are named {', '.join(names) or '(none)'}; give plain names (q_proj, v_proj, head) or shell globs "
-                "over full module names (blocks.0.*.q_proj)."
+                f"{type(self).__name__} targets {self.targets} match no linear layer of {type(model).__name__}. Its "
+                f"linear layers are named {', '.join(names) or '(none)'}; give plain names (q_proj, v_proj, head) or "
+                "shell globs over full module names (blocks.0.*.q_proj)."
             )
         return found
 
@@ -221,32 +234,34 @@ class LoRA(Adapter):
         width = min(layer.in_features, layer.out_features)
         if self.rank > width:
             raise ConfigError(
-                f"LoRA rank {self.rank} is above the width of {name} ({layer.in_features} -> {layer.out_features}): "
-                f"a rank-r update of that layer needs 1 <= r <= {width}."
+                f"{type(self).__name__} rank {self.rank} is above the width of {name} ({layer.in_features} -> "
+                f"{layer.out_features}): a rank-r update of that layer needs 1 <= r <= {width}."
             )
         if isinstance(layer, LoRALinear) and self.name in layer.adapter_names():
             raise ConfigError(
-                f"{name} already holds a LoRA adapter named {self.name!r}; give the second LoRA another name "
-                f"(name: ...), as names tell adapters apart. It holds: {', '.join(layer.adapter_names())}."
+                f"{name} already holds a LoRA adapter named {self.name!r}; give the second {type(self).__name__} "
+                f"another name (name: ...), as names tell adapters apart. It holds: {', '.join(layer.adapter_names())}."
             )
 
 
-def _check_options(rank: int, alpha: float, targets: list[str], dropout: float, init: str, name: str) -> None:
+def _check_options(
+    rank: int, alpha: float, targets: list[str], dropout: float, init: str, name: str, kind: str = "LoRA"
+) -> None:
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise ConfigError(f"LoRA rank={rank!r} is not a positive integer: give the rank of the update, e.g. 8.")
+        raise ConfigError(f"{kind} rank={rank!r} is not a positive integer: give the rank of the update, e.g. 8.")
     if not alpha > 0:
-        raise ConfigError(f"LoRA alpha={alpha!r} must be positive: the update is scaled by alpha / rank (e.g. 16).")
+        raise ConfigError(f"{kind} alpha={alpha!r} must be positive: the update is scaled by alpha / rank (e.g. 16).")
     if not targets or not all(isinstance(t, str) and t for t in targets):
         raise ConfigError(
-            f"LoRA targets={targets!r} must be a non-empty list of module-name patterns, e.g. "
+            f"{kind} targets={targets!r} must be a non-empty list of module-name patterns, e.g. "
             f"[q_proj, v_proj]; the shared names are {', '.join(KNOWN_TARGETS)}."
         )
     if not 0 <= dropout < 1:
-        raise ConfigError(f"LoRA dropout={dropout!r} must be in [0, 1).")
+        raise ConfigError(f"{kind} dropout={dropout!r} must be in [0, 1).")
     if init not in INITS:
-        raise ConfigError(f"LoRA init={init!r} is not an initialisation: choose one of {', '.join(INITS)}.")
+        raise ConfigError(f"{kind} init={init!r} is not an initialisation: choose one of {', '.join(INITS)}.")
     if not name or "." in name:
-        raise ConfigError(f"LoRA name={name!r} must be a non-empty name without dots (it is a ModuleDict key).")
+        raise ConfigError(f"{kind} name={name!r} must be a non-empty name without dots (it is a ModuleDict key).")
 
 
 def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -267,13 +282,6 @@ def _matches(name: str, patterns: list[str]) -> bool:
     name = name.removesuffix(".base_layer")  # a layer another adapter wraps (a bottleneck) keeps its name
     last = name.rsplit(".", 1)[-1]
     return any(fnmatch.fnmatchcase(last, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def _wrap(model: nn.Module, name: str, layer: nn.Linear) -> LoRALinear:
-    parent_name, _, child = name.rpartition(".")
-    wrapper = (LoRAHead if isinstance(layer, Head) else LoRALinear)(layer)
-    setattr(model.get_submodule(parent_name), child, wrapper)
-    return wrapper
 
 
 def _shared_parameters(model: nn.Module) -> set[int]:
