@@ -7,9 +7,11 @@ inputs and heads on top of :class:`TransformerStack`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from lightningllm.cache import KVCache
@@ -201,6 +203,36 @@ class TransformerStack(ModelLifecycle, nn.Module):
     def block_class(self) -> type[Block]:
         """The layout class of the blocks: the FSDP auto-wrap and checkpointing unit."""
         return type(self.blocks[0])
+
+
+def prepend_soft_tokens(
+    soft: Tensor, x: Tensor, mask: AttentionMask, positions: Tensor | None
+) -> tuple[Tensor, AttentionMask, Tensor | None]:
+    """Prompt tuning's soft tokens (n, dim) before embedded tokens x (B, T, dim): the widened inputs (B, n + T, dim),
+    a mask where every token sees them (padding and prefix-LM lengths widened by n) and positions (B or 1, n + T)
+    where they take 0..n-1 and the tokens' shift by n (None stays None: the default count from 0 fits).
+
+    Raises:
+        AdapterError: packed documents (the soft tokens would belong to one document only).
+    """
+    from lightningllm.adapters import AdapterError
+
+    n, B = soft.shape[0], x.shape[0]
+    if mask.document_ids is not None:
+        raise AdapterError(
+            "Prompt tuning cannot run on packed documents (document_ids in the attention mask): every document needs "
+            "its own soft tokens. Turn packing off for this run."
+        )
+    x = torch.cat([soft.to(x.dtype)[None].expand(B, -1, -1), x], dim=1)
+    padding = mask.padding
+    if padding is not None:
+        padding = torch.cat([padding.new_ones(padding.shape[0], n), padding], dim=1)
+    prefix = None if mask.prefix_lengths is None else mask.prefix_lengths + n
+    mask = dataclasses.replace(mask, padding=padding, prefix_lengths=prefix)
+    if positions is not None:
+        soft_positions = torch.arange(n, device=x.device)[None].expand(positions.shape[0], -1)
+        positions = torch.cat([soft_positions.to(positions.dtype), positions + n], dim=1)
+    return x, mask, positions
 
 
 def query_padding(mask: AttentionMask | None, T: int) -> Tensor | None:
