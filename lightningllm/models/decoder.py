@@ -16,7 +16,7 @@ from lightningllm.contracts import (
     Transform,
 )
 from lightningllm.mask import AttentionMask
-from lightningllm.models.base import LayerOverride, TransformerStack, prepend_soft_tokens, query_padding
+from lightningllm.models.base import LayerOverride, TransformerStack, add_virtual_tokens, query_padding
 
 __all__ = ["Decoder", "LayerOverride"]
 
@@ -51,7 +51,7 @@ class Decoder(TransformerStack):
     """
 
     causal = True  # each position sees only itself and earlier ones
-    takes_soft_tokens = True  # prompt tuning: prepends its embedding's soft tokens to each new sequence
+    takes_virtual_tokens = True  # prompt and prefix tuning: see add_virtual_tokens
 
     def __init__(
         self,
@@ -107,14 +107,13 @@ class Decoder(TransformerStack):
         x = self.embed_inputs(input_ids, inputs_embeds)  # (B, T, dim)
         T = x.shape[1]
         offset = cache[0].length if cache else 0
-        soft = self.embed.soft_tokens() if offset == 0 and hasattr(self.embed, "soft_tokens") else None
         mask = mask if mask is not None else AttentionMask(causal=True)
-        if soft is not None:  # (n, dim): they take positions 0..n-1, the tokens follow
-            x, mask, positions = prepend_soft_tokens(soft, x, mask, positions)
+        if offset == 0:  # prompt and prefix tuning's virtual tokens come first: x (B, n_soft + T, dim)
+            x, mask, positions = add_virtual_tokens(self, x, mask, positions)
         if positions is None:
-            self.position.check_length(offset + x.shape[1])
-            positions = torch.arange(offset, offset + x.shape[1], device=x.device)[None]
-        x = self.dropout(self.position.embed(x, positions))  # (B, n + T, dim)
+            self.position.check_length(offset + T)
+            positions = torch.arange(offset, offset + T, device=x.device)[None]
+        x = self.dropout(self.position.embed(x, positions))  # (B, n_soft + T, dim)
         return self.run_blocks(x, positions=positions, mask=mask, cache=cache)[:, -T:]
 
     def forward(

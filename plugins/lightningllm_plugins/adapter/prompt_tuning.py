@@ -142,7 +142,7 @@ class PromptTuning(Adapter):
     def apply(self, model: nn.Module) -> None:
         """Wrap ``model.embed`` (or add to its wrapper) and freeze all but this adapter's soft tokens."""
         embed = getattr(model, "embed", None)
-        if not getattr(model, "takes_soft_tokens", False) or not isinstance(embed, nn.Embedding | PromptEmbedding):
+        if not getattr(model, "takes_virtual_tokens", False) or not isinstance(embed, nn.Embedding | PromptEmbedding):
             raise ConfigError(
                 f"PromptTuning needs a model that prepends soft tokens to its token embeddings (Decoder); "
                 f"{type(model).__name__} does not. Use LoRA or another adapter on it."

@@ -186,7 +186,7 @@ def test_bad_prompt_tuning_options_exit_2_with_one_paragraph(adapter_run, tmp_pa
 def test_a_model_without_soft_token_support_is_refused_by_name():
     from lightningllm.models import Encoder
 
-    assert not getattr(Encoder, "takes_soft_tokens", False)
+    assert not getattr(Encoder, "takes_virtual_tokens", False)
     with pytest.raises(ConfigError, match="PromptTuning needs a model that prepends soft tokens.*Linear does not"):
         PromptTuning().apply(torch.nn.Linear(2, 2))
 
