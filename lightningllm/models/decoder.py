@@ -109,7 +109,10 @@ class Decoder(TransformerStack):
         offset = cache[0].length if cache else 0
         mask = mask if mask is not None else AttentionMask(causal=True)
         if offset == 0:  # prompt and prefix tuning's virtual tokens come first: x (B, n_soft + T, dim)
+            given = positions
             x, mask, positions = add_virtual_tokens(self, x, mask, positions)
+            if given is None and positions is not None:  # n_virtual + T positions from 0
+                self.position.check_length(int(positions[0, -1]) + 1)
         if positions is None:
             self.position.check_length(offset + T)
             positions = torch.arange(offset, offset + T, device=x.device)[None]

@@ -236,3 +236,10 @@ def test_the_meta_path_copies_the_vocabulary_rows_after_the_start_weights(decode
     assert all(not p.is_meta for p in model.parameters())
     torch.testing.assert_close(soft(model), model.embed.base_layer.weight[[5, 9, 5, 9]], rtol=0, atol=0)
     torch.testing.assert_close(model(ids()), eager(ids()), rtol=0, atol=0)
+
+
+def test_soft_tokens_count_against_the_longest_sequence(decoder_factory):
+    model = decoder_factory(position="LearnedPosition", max_seq_len=16, transforms=[PromptTuning(n_tokens=6)])
+    model(ids(length=10))
+    with pytest.raises(ConfigError, match="17"):
+        model(ids(length=11))
