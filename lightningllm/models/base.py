@@ -7,9 +7,11 @@ inputs and heads on top of :class:`TransformerStack`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from lightningllm.cache import KVCache
@@ -201,6 +203,63 @@ class TransformerStack(ModelLifecycle, nn.Module):
     def block_class(self) -> type[Block]:
         """The layout class of the blocks: the FSDP auto-wrap and checkpointing unit."""
         return type(self.blocks[0])
+
+
+def add_virtual_tokens(
+    model: nn.Module, x: Tensor, mask: AttentionMask, positions: Tensor | None
+) -> tuple[Tensor, AttentionMask, Tensor | None]:
+    """Make room for the virtual tokens of prompt and prefix tuning when a sequence starts (no cache yet).
+
+    Prefix tuning's ``p`` keys/values per layer (``attention.prefix_length()``) take positions ``0..p-1``,
+    prompt tuning's ``s`` soft tokens (``embed.soft_tokens()``: (s, dim)) are prepended to x and take
+    ``p..p+s-1``, and the tokens follow, as in PEFT. Without either, everything is returned unchanged.
+
+    Args:
+        model: a stack with ``embed`` and ``blocks``.
+        x: embedded tokens (B, T, dim).
+        mask: the caller's mask over the T tokens.
+        positions: (B or 1, T) the caller's positions, counting from 0 (None: 0..T-1).
+
+    Returns:
+        x (B, s + T, dim); the mask with padding (B, p + s + T) and prefix-LM lengths widened so every token
+        sees the virtual ones; positions (B or 1, s + T) (None when there are no virtual tokens and none given).
+
+    Raises:
+        AdapterError: packed documents (the virtual tokens would belong to one document only), or prefix tuning
+            with positions that are not consecutive (its keys sit at the positions just before the tokens).
+    """
+    from lightningllm.adapters import AdapterError
+
+    soft = model.embed.soft_tokens() if hasattr(model.embed, "soft_tokens") else None
+    n_soft = 0 if soft is None else soft.shape[0]
+    n_prefix = max((blk.attention.prefix_length() for blk in model.blocks if hasattr(blk.attention, "prefix_length")),
+                   default=0)  # fmt: skip
+    n = n_soft + n_prefix
+    if n == 0:
+        return x, mask, positions
+    if mask.document_ids is not None:
+        raise AdapterError(
+            "Prompt and prefix tuning cannot run on packed documents (document_ids in the attention mask): every "
+            "document needs its own virtual tokens. Turn packing off for this run."
+        )
+    B, T = x.shape[:2]
+    if positions is None:
+        positions = torch.arange(T, device=x.device)[None]
+    elif n_prefix and not bool((positions.diff(dim=1) == 1).all()):
+        raise AdapterError(
+            "Prefix tuning needs consecutive positions (its keys and values sit just before the tokens, as cached "
+            "keys do); these positions skip or repeat (left padding counted from the first real token?). Give "
+            "positions 0..T-1 and mark the padding in the mask instead."
+        )
+    soft_positions = torch.arange(n_soft, device=x.device)[None].expand(positions.shape[0], -1)
+    positions = torch.cat([soft_positions.to(positions.dtype), positions + n_soft], dim=1) + n_prefix
+    if soft is not None:
+        x = torch.cat([soft.to(x.dtype)[None].expand(B, -1, -1), x], dim=1)
+    padding = mask.padding
+    if padding is not None:
+        padding = torch.cat([padding.new_ones(padding.shape[0], n), padding], dim=1)
+    prefix = None if mask.prefix_lengths is None else mask.prefix_lengths + n
+    return x, dataclasses.replace(mask, padding=padding, prefix_lengths=prefix), positions
 
 
 def query_padding(mask: AttentionMask | None, T: int) -> Tensor | None:

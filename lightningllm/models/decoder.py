@@ -16,7 +16,7 @@ from lightningllm.contracts import (
     Transform,
 )
 from lightningllm.mask import AttentionMask
-from lightningllm.models.base import LayerOverride, TransformerStack, query_padding
+from lightningllm.models.base import LayerOverride, TransformerStack, add_virtual_tokens, query_padding
 
 __all__ = ["Decoder", "LayerOverride"]
 
@@ -51,6 +51,7 @@ class Decoder(TransformerStack):
     """
 
     causal = True  # each position sees only itself and earlier ones
+    takes_virtual_tokens = True  # prompt and prefix tuning: see add_virtual_tokens
 
     def __init__(
         self,
@@ -106,12 +107,17 @@ class Decoder(TransformerStack):
         x = self.embed_inputs(input_ids, inputs_embeds)  # (B, T, dim)
         T = x.shape[1]
         offset = cache[0].length if cache else 0
+        mask = mask if mask is not None else AttentionMask(causal=True)
+        if offset == 0:  # prompt and prefix tuning's virtual tokens come first: x (B, n_soft + T, dim)
+            given = positions
+            x, mask, positions = add_virtual_tokens(self, x, mask, positions)
+            if given is None and positions is not None:  # n_virtual + T positions from 0
+                self.position.check_length(int(positions[0, -1]) + 1)
         if positions is None:
             self.position.check_length(offset + T)
             positions = torch.arange(offset, offset + T, device=x.device)[None]
-        mask = mask if mask is not None else AttentionMask(causal=True)
-        x = self.dropout(self.position.embed(x, positions))  # (B, T, dim)
-        return self.run_blocks(x, positions=positions, mask=mask, cache=cache)
+        x = self.dropout(self.position.embed(x, positions))  # (B, n_soft + T, dim)
+        return self.run_blocks(x, positions=positions, mask=mask, cache=cache)[:, -T:]
 
     def forward(
         self,
