@@ -19,7 +19,7 @@ from lightningllm.adapters import AdapterError
 from lightningllm.contracts import Adapter, AdapterModule, Head
 from lightningllm.errors import ConfigError
 from lightningllm.registry import register
-from lightningllm_plugins.adapter.lora import _matches, _shared_parameters
+from lightningllm_plugins.adapter.lora import _linear_layers, _matches, _shared_parameters
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class IA3(Adapter):
         return wrapper
 
     def _matching_layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        candidates = _candidate_layers(model)
+        candidates = _linear_layers(model, AdapterModule)
         found = [(name, layer) for name, layer in candidates if _matches(name, self.targets)]
         if not found:
             names = sorted({name.rsplit(".", 1)[-1] for name, _ in candidates})
@@ -223,17 +223,3 @@ def _check_options(targets: list[str], feedforward: list[str] | None, name: str)
         )
     if not name or "." in name:
         raise ConfigError(f"IA3 name={name!r} must be a non-empty name without dots (it is a ModuleDict key).")
-
-
-def _candidate_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's own linears and adapter modules, not the linears inside an adapter module."""
-    found, inside = [], []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in inside):
-            continue
-        if isinstance(module, AdapterModule) and name:
-            found.append((name, module))
-            inside.append(f"{name}.")
-        elif isinstance(module, nn.Linear) and name:
-            found.append((name, module))
-    return found

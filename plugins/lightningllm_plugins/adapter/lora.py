@@ -264,13 +264,15 @@ def _check_options(
         raise ConfigError(f"{kind} name={name!r} must be a non-empty name without dots (it is a ModuleDict key).")
 
 
-def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's own linears and the LoRA wrappers, not the linears inside a wrapper."""
+def _linear_layers(model: nn.Module, wrapper: type[nn.Module] | None = None) -> list[tuple[str, nn.Module]]:
+    """The model's own linears and the adapter wrappers of type ``wrapper`` (default: LoRA's), not the linears
+    inside such a wrapper."""
+    wrapper = wrapper or LoRALinear
     found, inside = [], []
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in inside):
             continue
-        if isinstance(module, LoRALinear):
+        if isinstance(module, wrapper) and name:
             found.append((name, module))
             inside.append(f"{name}.")
         elif isinstance(module, nn.Linear) and name:
