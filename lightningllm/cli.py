@@ -3,7 +3,8 @@
 ``fit``/``validate``/``test``/``predict`` are LightningCLI subcommands (YAML with
 ``class_path``/``init_args``, ``--print_config``); ``plugins`` lists the registry,
 ``generate`` samples from an export folder, ``chat`` converses with one, ``convert`` imports or exports Hugging Face
-checkpoints and ``estimate`` prints what a configured run will cost before it starts. A user
+checkpoints, ``estimate`` prints what a configured run will cost before it starts and ``serve`` answers OpenAI
+API requests with an export. A user
 error prints one paragraph and exits 2; set ``LIGHTNINGLLM_TRACEBACK=1`` to see the traceback too.
 """
 
@@ -31,6 +32,8 @@ from lightningllm.errors import ConfigError, LightningLLMError, write_error
 from lightningllm.estimate.command import SUMMARY as ESTIMATE_SUMMARY
 from lightningllm.estimate.command import estimate_command
 from lightningllm.parse_errors import ShortErrors
+from lightningllm.serve.command import SUMMARY as SERVE_SUMMARY
+from lightningllm.serve.command import serve_command
 from lightningllm.tasks.span_corruption import decode_with_sentinels
 
 log = logging.getLogger("lightningllm")
@@ -553,6 +556,7 @@ USAGE = """usage: lightningllm {fit,validate,test,predict} --config CONFIG.yaml 
        lightningllm convert --from-hf HF_DIR --out EXPORT_DIR
        lightningllm convert --to-hf EXPORT_DIR --out HF_DIR [--family gpt2|llama|mistral|mixtral|bert]
        lightningllm estimate --config CONFIG.yaml [--key=value ...] [--device_memory_gib GIB]
+       lightningllm serve EXPORT_DIR [--port 8000] [--template chat] [--max_batch_size 8]   (OpenAI-compatible API)
 """
 
 #: One line per command, for ``lightningllm --help`` and each command's own ``--help``.
@@ -565,6 +569,7 @@ SUMMARIES = {
     "generate": "Sample text from an export folder.",
     "convert": "Convert a Hugging Face checkpoint folder to a lightningllm export folder, or back.",
     "estimate": ESTIMATE_SUMMARY,
+    "serve": SERVE_SUMMARY,
 }
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -575,6 +580,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "chat": chat_command,
     "convert": convert_command,
     "estimate": estimate_command,
+    "serve": serve_command,
 }
 
 
