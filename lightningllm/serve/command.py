@@ -118,8 +118,9 @@ def _check_servable(model, tokenizer, export_dir: str) -> None:
         raise LightningLLMError(f"The export {export_dir!r} has no tokenizer, so requests cannot be encoded.")
     if not getattr(model, "causal", True) or not hasattr(model, "make_cache") or hasattr(model, "decoder_for"):
         raise LightningLLMError(
-            f"The export {export_dir!r} holds a {type(model).__name__}; `lightningllm serve` serves decoders "
-            "(CausalLM, PrefixLM or instruction-tuned exports), which continue a prompt token by token."
+            f"The export {export_dir!r} holds a model of class {type(model).__name__}, which `lightningllm serve` "
+            "cannot serve: it serves decoders (CausalLM or instruction-tuned exports), which continue a prompt token "
+            "by token."
         )
 
 

@@ -175,6 +175,17 @@ CASES: list[Case] = [
     case("generate-empty-weights", "generate", "{export_empty_weights}", "--prompt", "hi", expect="safetensors"),
     case("generate-bad-config", "generate", "{export_bad_config}", "--prompt", "hi", expect="config.yaml"),
     case("generate-unknown-flag", "generate", "{export}", "--prompt", "hi", "--no_such_flag=1", expect="no_such"),
+    # --- serve ---------------------------------------------------------------------------------------
+    case("serve-missing-export", "serve", "{tmp}/no_export", expect="no_export"),
+    case("serve-damaged-export", "serve", "{export_empty_weights}", expect="safetensors"),
+    case("serve-port-privileged", "serve", "{export}", "--port=80", expect="port"),
+    case("serve-port-too-large", "serve", "{export}", "--port=70000", expect="70000"),
+    case("serve-port-not-int", "serve", "{export}", "--port=http", expect="http"),
+    case("serve-host-unknown", "serve", "{export}", "--host=example.com", expect="example.com"),
+    case("serve-batch-size-zero", "serve", "{export}", "--max_batch_size=0", expect="max_batch_size"),
+    case("serve-concurrency-zero", "serve", "{export}", "--max_concurrency=0", expect="max_concurrency"),
+    case("serve-unknown-template", "serve", "{export}", "--template=no_such_template", expect="no_such_template"),
+    case("serve-prompt-above-context", "serve", "{export}", "--max_prompt_tokens=100000", expect="max_seq_len"),
 ]
 
 
