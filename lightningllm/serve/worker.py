@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -83,6 +84,7 @@ class GenerationAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         from lightningllm.io import load
 
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the server stops workers
         if not log.handlers:  # a spawned process: LitServe configures only its own loggers
             log.addHandler(logging.StreamHandler())
             log.setLevel(logging.INFO)
@@ -90,6 +92,7 @@ class GenerationAPI(ls.LitAPI):
         self.model, self.tokenizer = load(self.export_dir, device=device, trust_code=self.trust_code)
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        log.info("worker ready: %s on %s (%d CPU threads)", self.export_dir, device, torch.get_num_threads())
 
     def decode_request(self, request: Job) -> Job:
         return request
