@@ -43,10 +43,10 @@ def offline(served_export):
 
 @pytest.fixture(scope="module")
 def server(served_export, tmp_path_factory):
-    """One server for a test module: batches of up to 8, 40 requests in flight, 48 tokens per answer and
+    """One server for a test module: batches of up to 8, 33 requests in flight, 48 tokens per answer and
     100 per prompt at most."""
     log_path = tmp_path_factory.mktemp("serve_log") / "server.log"
-    options = ["--max_batch_size", "8", "--batch_timeout", "0.05", "--max_concurrency", "40", "--max_tokens", "48",
+    options = ["--max_batch_size", "8", "--batch_timeout", "0.05", "--max_concurrency", "33", "--max_tokens", "48",
                "--max_prompt_tokens", "100"]  # fmt: skip
     with ServerProcess(served_export, *options, log_path=log_path) as live:
         yield live
