@@ -101,7 +101,7 @@ def parse(body: Any, schema: type[_Request]) -> _Request:
         shown = repr(first.get("input"))[:80] if first["type"] != "missing" else "nothing"
         raise RequestError(f"Invalid '{param}': {first['msg']} (got {shown}).", param=param) from None
     for name in UNSUPPORTED:
-        if (request.model_extra or {}).get(name) not in (None, False):
+        if (request.model_extra or {}).get(name):  # set to something (clients may send null, false or {})
             raise RequestError(f"'{name}' is not supported by this server; leave it out.", param=name)
     if request.n != 1:
         raise RequestError(f"'n' must be 1 (one answer per request); got {request.n}.", param="n")
