@@ -213,5 +213,5 @@ class Reply:
 
 def usage(update: dict) -> dict:
     """OpenAI's usage object from a worker's final update."""
-    prompt, completion = update["prompt_tokens"], update["completion_tokens"]
+    prompt, completion = update.get("prompt_tokens", 0), update.get("completion_tokens", 0)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
