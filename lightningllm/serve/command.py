@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from importlib.util import find_spec
 from pathlib import Path
 
+import torch
 from jsonargparse import ArgumentParser
 
 from lightningllm.errors import ConfigError, LightningLLMError
@@ -111,6 +112,11 @@ def _check_options(cfg) -> None:
         )
     if cfg.accelerator not in ("auto", "cpu", "cuda", "mps"):
         raise ConfigError(f"--accelerator={cfg.accelerator!r} is not allowed: give cpu, cuda, mps or auto.")
+    if cfg.accelerator == "cuda" and cfg.devices > torch.cuda.device_count():
+        raise ConfigError(
+            f"--accelerator=cuda --devices={cfg.devices} asks for more GPUs than this machine has "
+            f"({torch.cuda.device_count()}). Use fewer --devices, or --accelerator cpu."
+        )
 
 
 def _check_servable(model, tokenizer, export_dir: str) -> None:

@@ -42,5 +42,11 @@ def test_an_encoder_export_is_refused(tmp_path, capsys):
     assert "model of class Encoder" in err and "serves decoders" in err
 
 
+def test_more_gpus_than_the_machine_has_are_refused(served_export, capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    err = fail(["serve", str(served_export), "--accelerator", "cuda", "--devices", "2"], capsys)
+    assert "--devices=2" in err and "(1)" in err
+
+
 def test_help_lists_serve():
     assert "serve" in help_text() and "OpenAI" in help_text()
