@@ -67,13 +67,13 @@ def test_preferences_follow_the_bradley_terry_model(bandit):
 
 def train(bandit, comparisons, loss, steps=400, lr=0.05, **options) -> torch.Tensor:
     """Train a policy (started at pi_ref) on the comparisons with ``loss``; its final (P, N) log-probabilities."""
-    (x, w, l), weights = comparisons
+    (x, win, lose), weights = comparisons
     ref, lengths = bandit.reference_logprobs(), bandit.lengths
     policy = bandit.policy()
     optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
     for _ in range(steps):
         lp = policy()
-        scores = PairScores(lp[x, w], lp[x, l], lengths[w], lengths[l], ref[x, w], ref[x, l])
+        scores = PairScores(lp[x, win], lp[x, lose], lengths[win], lengths[lose], ref[x, win], ref[x, lose])
         value = (PAIRED_LOSSES[loss](scores, LossOptions(beta=bandit.beta, **options))[0] * weights).sum()
         optimizer.zero_grad()
         value.backward()
@@ -85,7 +85,7 @@ def test_dpo_converges_to_the_optimal_policy(bandit, comparisons):
     start = kl(bandit.reference_logprobs(), bandit.optimal_logprobs())  # 0.77 to 1.16 nats
     learnt = train(bandit, comparisons, "dpo")
     distance = kl(learnt, bandit.optimal_logprobs())
-    assert (distance < 0.02).all() and (distance < 0.03 * start).all(), distance  # 100k samples: ~0.002-0.01
+    assert (distance < 0.005).all() and (distance < 0.01 * start).all(), distance  # 100k samples: 3e-4 to 7e-4
     torch.testing.assert_close(bandit.expected_reward(learnt), bandit.expected_reward(bandit.optimal_logprobs()),
                                atol=0.1, rtol=0)  # fmt: skip
 
@@ -96,13 +96,13 @@ def test_ipo_reaches_its_own_closed_form_not_dpos(bandit, comparisons):
     Its table uses per-token mean log-ratios; the paper's plain log-ratios are ipo_loss itself."""
     from lightningllm.alignment.preference_losses import ipo_loss
 
-    (x, w, l), weights = comparisons
+    (x, win, lose), weights = comparisons
     ref = bandit.reference_logprobs()
     policy = bandit.policy()
     optimizer = torch.optim.Adam(policy.parameters(), lr=0.05)
     for _ in range(400):
         h = policy() - ref
-        value = (ipo_loss(h[x, w], h[x, l], bandit.beta) * weights).sum()
+        value = (ipo_loss(h[x, win], h[x, lose], bandit.beta) * weights).sum()
         optimizer.zero_grad()
         value.backward()
         optimizer.step()
@@ -123,13 +123,13 @@ def test_simpo_raises_the_length_normalised_likelihood_of_rewarding_responses(ba
 
 
 def test_orpo_raises_the_odds_of_chosen_over_rejected(bandit, comparisons):
-    (x, w, l), weights = comparisons
+    (x, win, lose), weights = comparisons
     ref = bandit.reference_logprobs()
     learnt = train(bandit, comparisons, "orpo")
 
     def mean_log_odds_ratio(logprobs):
         means = logprobs / bandit.lengths
-        return float(((log_odds(means[x, w]) - log_odds(means[x, l])) * weights).sum())
+        return float(((log_odds(means[x, win]) - log_odds(means[x, lose])) * weights).sum())
 
     assert mean_log_odds_ratio(learnt) > mean_log_odds_ratio(ref) + 0.1
     assert (bandit.expected_reward(learnt) > bandit.expected_reward(ref)).all()
