@@ -50,7 +50,7 @@ def listwise_loss(scores: Tensor, ranks: Tensor, targets: ListTargets = "one_hot
 
     ``-sum_k t_k log softmax(scores)_k`` with ``t`` from :func:`list_targets`.
     """
-    return -(list_targets(ranks, targets) * scores.float().log_softmax(-1)).sum(-1)
+    return -(list_targets(ranks, targets) * scores.log_softmax(-1)).sum(-1)
 
 
 def ordered_pairs(ranks: Tensor) -> tuple[Tensor, Tensor]:
