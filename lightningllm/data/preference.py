@@ -213,8 +213,10 @@ class PreferenceDataModule(L.LightningDataModule):
             return self.tokenizer.encode(prompt), self.tokenizer.encode(completion) + [self.tokenizer.eos_id]
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
         ids, trained = self.template.encode(self.tokenizer, messages)
-        start = trained.index(True) if True in trained else len(ids)
-        return ids[:start], ids[start:]
+        if True not in trained:
+            return ids, []
+        start, end = trained.index(True), len(trained) - trained[::-1].index(True)
+        return ids[:start], ids[start:end]  # what the template renders after the reply's end of turn is dropped
 
     def _examples(self, records: list[tuple], split: str) -> list[tuple[int, Ranked | Labelled]]:
         examples = []

@@ -168,7 +168,8 @@ class DPO(TrainingTask):
         logratios = policy - self.reference_logps(batch)
         with torch.no_grad():
             mismatched = completion_logps(self.model, batch, "kl_")[0] - self.reference_logps(batch, "kl_")
-            reference_point = self.all_gather(mismatched.mean()).mean().clamp(min=0)  # z0 of KTO, eq. 8
+            mean = mismatched.mean()
+            reference_point = (self.all_gather(mean).mean() if self._trainer is not None else mean).clamp(min=0)
         desirable = batch["desirable"].bool()
         beta = self.options.beta
         losses = kto_loss(logratios, desirable, reference_point, beta, self.desirable_weight, self.undesirable_weight)
