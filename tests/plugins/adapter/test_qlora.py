@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
 import sys
 from functools import partial
 from pathlib import Path
@@ -358,3 +359,35 @@ def test_qlora_under_fsdp_matches_one_process_with_the_doubled_batch(tmp_path):
     assert list(fsdp) == list(single)
     torch.testing.assert_close(torch.tensor(list(fsdp.values())), torch.tensor(list(single.values())),
                                rtol=2e-4, atol=2e-4)  # fmt: skip
+
+
+@pytest.mark.slow  # a 2-process CLI run
+def test_qlora_from_yaml_under_fsdp_quantises_the_start_weights_and_keeps_them(adapter_run, decoder_factory, tmp_path):
+    import yaml
+    from safetensors.torch import load_file
+
+    from lightningllm.io import export
+
+    start = decoder_factory(vocab_size=38, dim=32, n_heads=4, max_seq_len=32, tie_embeddings=False, ffn="SwiGLU",
+                            norm="RMSNorm", position="RoPE")  # fmt: skip
+    export(start, tmp_path / "start")  # 38: the CharTokenizer's size on the fixture's text
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    transform = {"class_path": "QLoRA", "init_args": {"rank": 4, "targets": targets, "scaler_block_size": 16}}
+    config_path = adapter_run(tmp_path, [transform], steps=3)
+    config = yaml.safe_load(config_path.read_text())
+    config["model"]["init_args"]["model"]["init_args"].update(start_weights=str(tmp_path / "start"))
+    config["trainer"].update(accelerator="cpu", devices=2, logger=False, val_check_interval=None, limit_val_batches=0,
+                             strategy={"class_path": "lightningllm.strategies.FSDPStrategy",
+                                       "init_args": {"state_dict_type": "sharded"}})  # fmt: skip
+    config_path.write_text(yaml.safe_dump(config))
+    done = subprocess.run([sys.executable, "-m", "lightningllm.cli", "fit", "--config", str(config_path)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    trained = load_file(tmp_path / "export" / "model.safetensors")
+    start.apply_transform(QLoRA(rank=4, targets=targets, scaler_block_size=16))  # the meta-built run did the same
+    base = start.state_dict()
+    assert any(name.endswith("_nf4_data") for name in trained)
+    for name, tensor in trained.items():
+        if ".lora_" not in name:
+            assert torch.equal(tensor, base[name]), f"frozen {name} changed under FSDP"
+    assert any(t.any() for n, t in trained.items() if ".lora_B." in n)  # the adapters trained
