@@ -248,8 +248,10 @@ class FSDPStrategy(LightningFSDPStrategy):
             self.kwargs["auto_wrap_policy"] = block_wrap_policy(model)
         if self.checkpoint_blocks and not self._activation_checkpointing_kwargs:
             self._activation_checkpointing_kwargs = {"check_fn": lambda module: isinstance(module, Block)}
-        if not {"ignored_states", "ignored_modules"} & set(self.kwargs) and _subclass_parameters(model):
-            self.kwargs["ignored_states"] = _subclass_parameters(model)
+        if not {"ignored_states", "ignored_modules"} & set(self.kwargs):
+            ignored = subclass_parameters(model, self.root_device)
+            if ignored:
+                self.kwargs["ignored_states"] = ignored
         if "param_init_fn" not in self.kwargs and _has_meta_tensors(model):
             self.kwargs["param_init_fn"] = partial(materialize_unit, device=self.root_device)
         if self.root_device.type == "cpu":
@@ -271,12 +273,24 @@ class FSDPStrategy(LightningFSDPStrategy):
         return wrapped
 
 
-def _subclass_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters held as tensor subclasses (QLoRA's frozen NF4 weights): FSDP cannot flatten them into its flat
-    parameters, so each rank keeps them whole (replicated, at their 4-bit size) and FSDP shards the rest."""
+def subclass_parameters(model: nn.Module, device: torch.device) -> list[nn.Parameter]:
+    """The parameters of ``model`` held as tensor subclasses (QLoRA's frozen NF4 weights), moved to ``device``.
+
+    FSDP cannot flatten them into its flat parameters, so they go to it as ``ignored_states``: each rank keeps
+    them whole (replicated, at their 4-bit size) while FSDP shards the rest. FSDP moves only what it manages,
+    so they are moved here.
+    """
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-    return [param for param in model.parameters() if is_traceable_wrapper_subclass(param)]
+    found = []
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if is_traceable_wrapper_subclass(param):
+                if param.device != device:
+                    param = nn.Parameter(param.to(device), requires_grad=param.requires_grad)
+                    setattr(module, name, param)
+                found.append(param)
+    return found
 
 
 def _has_meta_tensors(model: nn.Module) -> bool:

@@ -110,11 +110,11 @@ def _nf4_parts_from_state(module: QLoRALinear, state: dict[str, Any], prefix: st
     key = f"{prefix}base_layer.weight"
     found = {suffix: state.pop(key + suffix) for suffix in NF4_PARTS if key + suffix in state}
     weight = module.base_layer.weight
-    if found and is_nf4(weight):
+    if len(found) == len(NF4_PARTS) and is_nf4(weight):
         parts = {attr: found[suffix].to(getattr(weight, attr).dtype) for suffix, attr in NF4_PARTS.items()}
         nf4 = nf4_module()
         state[key] = nf4.NF4Tensor(*nf4.construct_nf4_args(weight, parts))
-    else:  # let the strict check name them
+    else:  # a part missing, or a dense weight here: leave them for load_state_dict's own checks to name
         state.update({key + suffix: value for suffix, value in found.items()})
 
 

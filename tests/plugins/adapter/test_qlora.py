@@ -391,3 +391,15 @@ def test_qlora_from_yaml_under_fsdp_quantises_the_start_weights_and_keeps_them(a
         if ".lora_" not in name:
             assert torch.equal(tensor, base[name]), f"frozen {name} changed under FSDP"
     assert any(t.any() for n, t in trained.items() if ".lora_B." in n)  # the adapters trained
+
+
+def test_fsdp_gets_the_nf4_weights_as_ignored_states_on_its_device(decoder_factory):
+    from lightningllm.strategies import subclass_parameters
+
+    adapted = model(decoder_factory, transforms=[QLoRA(targets=["q_proj", "up_proj"])])
+    layers = nf4_layers(adapted)
+    assert subclass_parameters(adapted, torch.device("cpu")) == [m.base_layer.weight for m in layers.values()]
+    moved = subclass_parameters(adapted, torch.device("meta"))  # FSDP moves only what it shards: these move here
+    assert moved == [m.base_layer.weight for m in layers.values()] and len(moved) == 4
+    assert all(w.device.type == "meta" and w.quantized_data.is_meta and not w.requires_grad for w in moved)
+    assert all(p.device.type == "cpu" for n, p in adapted.named_parameters() if "base_layer.weight" not in n)
