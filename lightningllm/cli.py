@@ -30,6 +30,8 @@ from lightningllm.checks import check_int, check_number
 from lightningllm.errors import ConfigError, LightningLLMError, write_error
 from lightningllm.estimate.command import SUMMARY as ESTIMATE_SUMMARY
 from lightningllm.estimate.command import estimate_command
+from lightningllm.labeling import SUMMARY as LABEL_SUMMARY
+from lightningllm.labeling import label_command
 from lightningllm.parse_errors import ShortErrors
 from lightningllm.tasks.span_corruption import decode_with_sentinels
 
@@ -553,6 +555,7 @@ USAGE = """usage: lightningllm {fit,validate,test,predict} --config CONFIG.yaml 
        lightningllm convert --from-hf HF_DIR --out EXPORT_DIR
        lightningllm convert --to-hf EXPORT_DIR --out HF_DIR [--family gpt2|llama|mistral|mixtral|bert]
        lightningllm estimate --config CONFIG.yaml [--key=value ...] [--device_memory_gib GIB]
+       lightningllm label POLICY_EXPORT --judge JUDGE [--judge.OPTION V ...] --out FILE.jsonl [--prompts SOURCE --k K]
 """
 
 #: One line per command, for ``lightningllm --help`` and each command's own ``--help``.
@@ -565,6 +568,7 @@ SUMMARIES = {
     "generate": "Sample text from an export folder.",
     "convert": "Convert a Hugging Face checkpoint folder to a lightningllm export folder, or back.",
     "estimate": ESTIMATE_SUMMARY,
+    "label": LABEL_SUMMARY,
 }
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -575,6 +579,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "chat": chat_command,
     "convert": convert_command,
     "estimate": estimate_command,
+    "label": label_command,
 }
 
 

@@ -1,0 +1,73 @@
+"""Reward-model judge: the score an exported reward model (a model with a ScalarHead) gives a pair."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightningllm.alignment.logprobs import pad_pairs, padded_inputs
+from lightningllm.errors import ConfigError
+from lightningllm.io import load
+from lightningllm.judges import Judge, keep_last, require_tokenizer
+from lightningllm.prompt import PromptTemplate
+from lightningllm.registry import register
+
+
+@register("judge")
+class RewardModelJudge(Judge):
+    """The scalar a trained reward model gives the tokenised prompt + response (Ouyang et al., 2022).
+
+    The pair is read as the reward model was trained on it: rendered by ``template`` as a user turn and the
+    assistant's reply (which ends with the end-of-turn token), or without one as ``<bos>`` + prompt +
+    response + ``<eos>``. Rows are right-padded into batches; the head pools each row's real tokens.
+
+    Args:
+        export_dir: the reward model's export (its head a ``ScalarHead`` with sequence pooling).
+        template: the prompt template the reward model was trained with (``chat``, ``alpaca``, a file), or None.
+        batch_size: pairs per forward.
+        device: where the model runs.
+        trust_code: import any class the export's config names (see :func:`lightningllm.io.load`).
+    """
+
+    def __init__(
+        self, export_dir: str, template: str | None = None, batch_size: int = 16, device: str = "cpu",
+        trust_code: bool = False,
+    ) -> None:  # fmt: skip
+        self.model, tokenizer = load(export_dir, device=device, trust_code=trust_code)
+        self.tokenizer = require_tokenizer(tokenizer, export_dir)
+        if getattr(getattr(self.model, "head", None), "outputs", None) != "score":
+            raise ConfigError(
+                f"RewardModelJudge needs a reward model, an export whose head gives one score per sequence "
+                f"(ScalarHead); {export_dir!r} holds a {type(self.model).__name__} with "
+                f"{type(getattr(self.model, 'head', None)).__name__}. Train one with the RewardModeling task, or "
+                "judge with LanguageModelJudge."
+            )
+        self.template = PromptTemplate(template) if template is not None else None
+        self.batch_size, self.device = batch_size, device
+
+    def pair_ids(self, prompt: str, response: str) -> list[int]:
+        """The token ids the reward model reads for one pair."""
+        tok = self.tokenizer
+        if self.template is None:
+            ids = [tok.bos_id, *tok.encode(prompt), *tok.encode(response), tok.eos_id]
+        else:
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+            ids = self.template.encode(tok, messages)[0]
+        return keep_last(ids, getattr(self.model, "max_seq_len", len(ids)), "A prompt and response")
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str]) -> Tensor:
+        rows = [(self.pair_ids(p, r), []) for p, r in zip(prompts, responses)]
+        scores = []
+        for start in range(0, len(rows), self.batch_size):
+            batch = pad_pairs(rows[start : start + self.batch_size], self.tokenizer.pad_id)
+            ids, real = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+            out = self.model(ids, **padded_inputs(real))  # (b,)
+            if out.dim() != 1:
+                raise ConfigError(
+                    f"RewardModelJudge needs one score per sequence, but the reward model's head gives shape "
+                    f"{tuple(out.shape)} (ScalarHead pooling 'token' is a value model); export it with pooling "
+                    "'last' or 'mean'."
+                )
+            scores.append(out.float())
+        return torch.cat(scores)
