@@ -47,9 +47,8 @@ class LanguageModelJudge(Judge):
         self.template, self.revise_template = JudgeTemplate(template), JudgeTemplate(revise_template)
         self.model, tokenizer = load(export_dir, device=device, trust_code=trust_code)
         self.tokenizer = require_tokenizer(tokenizer, export_dir)
-        if getattr(getattr(self.model, "head", None), "outputs", "tokens") != "tokens" or not getattr(
-            self.model, "causal", False
-        ):
+        predicts_tokens = getattr(getattr(self.model, "head", None), "outputs", "tokens") == "tokens"
+        if not predicts_tokens or not getattr(self.model, "causal", False):
             raise ConfigError(
                 f"LanguageModelJudge needs a causal language model (a Decoder with an LM head); {export_dir!r} holds "
                 f"a {type(self.model).__name__} that does not predict next tokens. A reward model judges with "
