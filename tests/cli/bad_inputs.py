@@ -53,6 +53,7 @@ def case(id: str, *args: str, expect: str = "", env: dict[str, str] | None = Non
 
 FIT = ("fit", "--config", "{run}", "--trainer.max_steps=1")
 EST = ("estimate", "--config", "{run}")
+LABEL = ("label", "{export}", "--prompts", "{prompts}", "--judge", "MeterJudge", "--out", "{tmp}/p.jsonl")
 MODEL = "--model.init_args.model.init_args"
 
 CASES: list[Case] = [
@@ -175,6 +176,94 @@ CASES: list[Case] = [
     case("generate-empty-weights", "generate", "{export_empty_weights}", "--prompt", "hi", expect="safetensors"),
     case("generate-bad-config", "generate", "{export_bad_config}", "--prompt", "hi", expect="config.yaml"),
     case("generate-unknown-flag", "generate", "{export}", "--prompt", "hi", "--no_such_flag=1", expect="no_such"),
+    # --- label -------------------------------------------------------------------------------------
+    case("label-k-one", *LABEL, "--k=1", expect="--k=1"),
+    case(
+        "label-unknown-judge",
+        "label",
+        "{export}",
+        "--prompts",
+        "{prompts}",
+        "--judge",
+        "NoSuchJudge",
+        "--out",
+        "{tmp}/p.jsonl",
+        expect="NoSuchJudge",
+    ),  # fmt: skip
+    case(
+        "label-missing-export",
+        "label",
+        "{tmp}/no_export",
+        "--prompts",
+        "{prompts}",
+        "--judge",
+        "MeterJudge",
+        "--out",
+        "{tmp}/p.jsonl",
+        expect="no_export",
+    ),  # fmt: skip
+    case(
+        "label-missing-judge-export",
+        *LABEL[:4],
+        "--judge",
+        "RewardModelJudge",
+        "--judge.export_dir",
+        "{tmp}/no_rm",
+        "--out",
+        "{tmp}/p.jsonl",
+        expect="no_rm",
+    ),  # fmt: skip
+    case(
+        "label-judge-not-reward-model",
+        *LABEL[:4],
+        "--judge",
+        "RewardModelJudge",
+        "--judge.export_dir",
+        "{export}",
+        "--out",
+        "{tmp}/p.jsonl",
+        expect="ScalarHead",
+    ),  # fmt: skip
+    case(
+        "label-missing-prompts",
+        "label",
+        "{export}",
+        "--prompts",
+        "{tmp}/no_prompts.txt",
+        "--judge",
+        "MeterJudge",
+        "--out",
+        "{tmp}/p.jsonl",
+        expect="no_prompts",
+    ),  # fmt: skip
+    case("label-out-is-user-file", *LABEL[:-2], "--out", "{bad_yaml}", expect="already exists"),
+    case("label-overwrite-user-file", *LABEL[:-2], "--out", "{bad_yaml}", "--overwrite=true", expect="bad.yaml"),
+    case("label-unknown-format", *LABEL, "--format=list", expect="list"),
+    case("label-revise-rule-judge", *LABEL, "--revise=true", expect="LanguageModelJudge"),
+    case(
+        "label-unknown-constitution",
+        *LABEL[:4],
+        "--judge",
+        "LanguageModelJudge",
+        "--judge.export_dir",
+        "{export}",
+        "--judge.constitution",
+        "no_such_rules",
+        "--out",
+        "{tmp}/p.jsonl",
+        expect="no_such_rules",
+    ),  # fmt: skip
+    case(
+        "label-untrusted-rule",
+        *LABEL[:4],
+        "--judge",
+        "RuleJudge",
+        "--judge.rule",
+        "os.system",
+        "--out",
+        "{tmp}/p.jsonl",
+        expect="trust_code",
+    ),  # fmt: skip
 ]
 
 
@@ -202,6 +291,7 @@ def workspace(root: Path) -> dict[str, str]:
     paths["run"] = run
     paths["bad_yaml"] = _write(root / "bad.yaml", "model: [unclosed\n  - : :\n")
     paths["list_yaml"] = _write(root / "list.yaml", "- 1\n- 2\n")
+    paths["prompts"] = _write(root / "prompts.txt", "To be\n")
     no_model = {k: v for k, v in config.items() if k != "model"}
     paths["no_model_yaml"] = _write(root / "no_model.yaml", yaml.safe_dump(no_model))
     (root / "empty_dir").mkdir(exist_ok=True)
