@@ -53,7 +53,9 @@ def case(id: str, *args: str, expect: str = "", env: dict[str, str] | None = Non
 
 FIT = ("fit", "--config", "{run}", "--trainer.max_steps=1")
 EST = ("estimate", "--config", "{run}")
-LABEL = ("label", "{export}", "--prompts", "{prompts}", "--judge", "MeterJudge", "--out", "{tmp}/p.jsonl")
+LABEL, OUT = ("label", "{export}", "--prompts", "{prompts}"), ("--out", "{tmp}/p.jsonl")
+METER, RM = ("--judge", "MeterJudge"), ("--judge", "RewardModelJudge", "--judge.export_dir")
+LM = ("--judge", "LanguageModelJudge", "--judge.export_dir", "{export}")
 MODEL = "--model.init_args.model.init_args"
 
 CASES: list[Case] = [
@@ -177,93 +179,18 @@ CASES: list[Case] = [
     case("generate-bad-config", "generate", "{export_bad_config}", "--prompt", "hi", expect="config.yaml"),
     case("generate-unknown-flag", "generate", "{export}", "--prompt", "hi", "--no_such_flag=1", expect="no_such"),
     # --- label -------------------------------------------------------------------------------------
-    case("label-k-one", *LABEL, "--k=1", expect="--k=1"),
-    case(
-        "label-unknown-judge",
-        "label",
-        "{export}",
-        "--prompts",
-        "{prompts}",
-        "--judge",
-        "NoSuchJudge",
-        "--out",
-        "{tmp}/p.jsonl",
-        expect="NoSuchJudge",
-    ),  # fmt: skip
-    case(
-        "label-missing-export",
-        "label",
-        "{tmp}/no_export",
-        "--prompts",
-        "{prompts}",
-        "--judge",
-        "MeterJudge",
-        "--out",
-        "{tmp}/p.jsonl",
-        expect="no_export",
-    ),  # fmt: skip
-    case(
-        "label-missing-judge-export",
-        *LABEL[:4],
-        "--judge",
-        "RewardModelJudge",
-        "--judge.export_dir",
-        "{tmp}/no_rm",
-        "--out",
-        "{tmp}/p.jsonl",
-        expect="no_rm",
-    ),  # fmt: skip
-    case(
-        "label-judge-not-reward-model",
-        *LABEL[:4],
-        "--judge",
-        "RewardModelJudge",
-        "--judge.export_dir",
-        "{export}",
-        "--out",
-        "{tmp}/p.jsonl",
-        expect="ScalarHead",
-    ),  # fmt: skip
-    case(
-        "label-missing-prompts",
-        "label",
-        "{export}",
-        "--prompts",
-        "{tmp}/no_prompts.txt",
-        "--judge",
-        "MeterJudge",
-        "--out",
-        "{tmp}/p.jsonl",
-        expect="no_prompts",
-    ),  # fmt: skip
-    case("label-out-is-user-file", *LABEL[:-2], "--out", "{bad_yaml}", expect="already exists"),
-    case("label-overwrite-user-file", *LABEL[:-2], "--out", "{bad_yaml}", "--overwrite=true", expect="bad.yaml"),
-    case("label-unknown-format", *LABEL, "--format=list", expect="list"),
-    case("label-revise-rule-judge", *LABEL, "--revise=true", expect="LanguageModelJudge"),
-    case(
-        "label-unknown-constitution",
-        *LABEL[:4],
-        "--judge",
-        "LanguageModelJudge",
-        "--judge.export_dir",
-        "{export}",
-        "--judge.constitution",
-        "no_such_rules",
-        "--out",
-        "{tmp}/p.jsonl",
-        expect="no_such_rules",
-    ),  # fmt: skip
-    case(
-        "label-untrusted-rule",
-        *LABEL[:4],
-        "--judge",
-        "RuleJudge",
-        "--judge.rule",
-        "os.system",
-        "--out",
-        "{tmp}/p.jsonl",
-        expect="trust_code",
-    ),  # fmt: skip
+    case("label-k-one", *LABEL, *METER, *OUT, "--k=1", expect="--k=1"),
+    case("label-unknown-judge", *LABEL, "--judge", "NoSuchJudge", *OUT, expect="NoSuchJudge"),
+    case("label-missing-export", "label", "{tmp}/no_export", *LABEL[2:], *METER, *OUT, expect="no_export"),
+    case("label-missing-judge-export", *LABEL, *RM, "{tmp}/no_rm", *OUT, expect="no_rm"),
+    case("label-judge-not-reward-model", *LABEL, *RM, "{export}", *OUT, expect="ScalarHead"),
+    case("label-missing-prompts", *LABEL[:2], "--prompts", "{tmp}/no_prompts.txt", *METER, *OUT, expect="no_prompts"),
+    case("label-out-is-user-file", *LABEL, *METER, "--out", "{bad_yaml}", expect="already exists"),
+    case("label-overwrite-user-file", *LABEL, *METER, "--out", "{bad_yaml}", "--overwrite=true", expect="bad.yaml"),
+    case("label-unknown-format", *LABEL, *METER, *OUT, "--format=list", expect="list"),
+    case("label-revise-rule-judge", *LABEL, *METER, *OUT, "--revise=true", expect="LanguageModelJudge"),
+    case("label-unknown-constitution", *LABEL, *LM, "--judge.constitution=no_rules", *OUT, expect="no_rules"),
+    case("label-untrusted-rule", *LABEL, "--judge", "RuleJudge", "--judge.rule=os.system", *OUT, expect="trust_code"),
 ]
 
 
