@@ -94,10 +94,10 @@ class LanguageModelJudge(Judge):
         stopper = StopStrings(list(stop), self.tokenizer.decode) if stop else None
         revisions = []
         for start in range(0, len(questions), self.batch_size):
+            batch = [torch.tensor(q, device=self.device) for q in questions[start : start + self.batch_size]]
             out = generate(
-                self.model, questions[start : start + self.batch_size], max_new_tokens, temperature=temperature,
-                eos_id=self.tokenizer.eos_id, stop=stopper, vocab_limit=self.tokenizer.vocab_size, generator=generator,
-                return_logprobs=True,
+                self.model, batch, max_new_tokens, temperature=temperature, eos_id=self.tokenizer.eos_id, stop=stopper,
+                vocab_limit=self.tokenizer.vocab_size, generator=generator, return_logprobs=True,
             )  # fmt: skip
             for row in out.completions():
                 text = self.tokenizer.decode([t for t in row if t != self.tokenizer.eos_id])
