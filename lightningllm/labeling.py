@@ -28,6 +28,7 @@ from torch import nn
 from lightningllm import registry
 from lightningllm.atomic import atomic_file
 from lightningllm.checks import check_int
+from lightningllm.config import import_class
 from lightningllm.data.corpus import SHAKESPEARE, load_corpus
 from lightningllm.errors import ConfigError, DataError, LightningLLMError, PluginNotFoundError, WriteError
 from lightningllm.generation import check_sampling, generate
@@ -260,16 +261,10 @@ def check_options(cfg) -> None:
             "prompt (with --revise true, 1 is enough: each response is paired with its revision)."
         )
     judge_class = judge_spec.get("class_path") if hasattr(judge_spec, "get") else None
-    if revise and judge_class is not None and not hasattr(_class(judge_class), "revise"):
+    if revise and judge_class is not None and not hasattr(import_class(judge_class, "judge"), "revise"):
         raise ConfigError(
             f"--revise true needs a judge that rewrites responses (LanguageModelJudge); {judge_class} only scores."
         )
-
-
-def _class(class_path: str) -> type:
-    from lightningllm.config import import_class
-
-    return import_class(class_path, "judge")
 
 
 def label_command(args: Sequence[str]) -> None:
