@@ -57,12 +57,18 @@ class PairRule(Judge):
         raise NotImplementedError
 
 
-def keep_last(ids: list[int], limit: int, what: str) -> list[int]:
-    """``ids`` cut to its last ``limit`` tokens (with a warning), so what the judge asks about stays in view."""
-    if len(ids) <= limit:
-        return ids
-    log.warning("%s has %d tokens, more than the model reads (%d): its first tokens are dropped", what, len(ids), limit)
-    return ids[len(ids) - limit :]
+def keep_last(rows: list[list[int]], limit: int | None, what: str) -> list[list[int]]:
+    """Each row cut to its last ``limit`` tokens (None: no limit), so what the judge asks about stays in view.
+
+    One warning counts the rows that were cut.
+    """
+    cut = [len(ids) for ids in rows if limit is not None and len(ids) > limit]
+    if cut:
+        log.warning(
+            "%d of %d %s have more tokens than the model reads (%d, up to %d): their first tokens are dropped",
+            len(cut), len(rows), what, limit, max(cut),
+        )  # fmt: skip
+    return [ids[len(ids) - limit :] if limit is not None and len(ids) > limit else ids for ids in rows]
 
 
 def require_tokenizer(tokenizer: Tokenizer | None, export_dir: str) -> Tokenizer:

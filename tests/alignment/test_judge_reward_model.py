@@ -46,6 +46,17 @@ def test_score_equals_the_models_score_row_by_row(reward_export, tokenizer):
     assert len(set(scores.tolist())) == 3
 
 
+def test_a_long_pair_is_read_from_its_last_tokens(reward_export, tokenizer, caplog):
+    path, model = reward_export
+    judge = get("judge", "RewardModelJudge")(export_dir=str(path))
+    response = TEXT * 2  # > max_seq_len=64 tokens
+    ids = [tokenizer.bos_id, *tokenizer.encode(PROMPTS[0] + response), tokenizer.eos_id][-64:]
+    with torch.no_grad():
+        expected = model(torch.tensor([ids]))
+    torch.testing.assert_close(judge(PROMPTS[:2], [response, RESPONSES[1]])[:1], expected, atol=1e-5, rtol=1e-5)
+    assert "1 of 2 prompt-response pairs have more tokens than the model reads (64" in caplog.text
+
+
 def test_template_reads_the_pair_as_a_chat_turn(reward_export, tokenizer):
     from lightningllm.prompt import PromptTemplate
 

@@ -57,16 +57,19 @@ class LanguageModelJudge(Judge):
         self.verdicts = (self.tokenizer.encode(yes), self.tokenizer.encode(no))
         self.batch_size, self.device = batch_size, device
 
-    def question_ids(self, template: JudgeTemplate, prompt: str, response: str, room: int) -> list[int]:
-        """``<bos>`` + the rendered question, its first tokens dropped if it leaves fewer than ``room`` free."""
-        ids = [self.tokenizer.bos_id, *self.tokenizer.encode(template.render(self.constitution, prompt, response))]
-        limit = getattr(self.model, "max_seq_len", len(ids) + room) - room
-        return keep_last(ids, limit, f"The {template.name} question")
+    def questions(
+        self, template: JudgeTemplate, prompts: list[str], responses: list[str], room: int
+    ) -> list[list[int]]:
+        """``<bos>`` + each rendered question, its first tokens dropped where it leaves fewer than ``room`` free."""
+        rows = [[self.tokenizer.bos_id, *self.tokenizer.encode(template.render(self.constitution, p, r))]
+                for p, r in zip(prompts, responses)]  # fmt: skip
+        limit = getattr(self.model, "max_seq_len", None)
+        return keep_last(rows, None if limit is None else limit - room, f"{template.name} questions")
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str]) -> Tensor:
         room = max(map(len, self.verdicts))
-        questions = [self.question_ids(self.template, p, r, room) for p, r in zip(prompts, responses)]
+        questions = self.questions(self.template, prompts, responses, room)
         yes, no = (self._verdict_logprobs(questions, verdict) for verdict in self.verdicts)
         return yes - no
 
@@ -90,7 +93,7 @@ class LanguageModelJudge(Judge):
         ``max_new_tokens``; surrounding whitespace is stripped.
         """
         check_sampling(temperature, None, None)
-        questions = [self.question_ids(self.revise_template, p, r, 1) for p, r in zip(prompts, responses)]
+        questions = self.questions(self.revise_template, prompts, responses, 1)
         stopper = StopStrings(list(stop), self.tokenizer.decode) if stop else None
         revisions = []
         for start in range(0, len(questions), self.batch_size):

@@ -53,11 +53,13 @@ class RewardModelJudge(Judge):
         else:
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
             ids = self.template.encode(tok, messages)[0]
-        return keep_last(ids, getattr(self.model, "max_seq_len", len(ids)), "A prompt and response")
+        return ids
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str]) -> Tensor:
-        rows = [(self.pair_ids(p, r), []) for p, r in zip(prompts, responses)]
+        pairs = [self.pair_ids(p, r) for p, r in zip(prompts, responses)]
+        pairs = keep_last(pairs, getattr(self.model, "max_seq_len", None), "prompt-response pairs")
+        rows = [(ids, []) for ids in pairs]
         scores = []
         for start in range(0, len(rows), self.batch_size):
             batch = pad_pairs(rows[start : start + self.batch_size], self.tokenizer.pad_id)
