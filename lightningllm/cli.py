@@ -564,7 +564,7 @@ SUMMARIES = {
     "validate": "Compute the validation loss of a config's model (from --ckpt_path, or freshly initialised).",
     "test": "Compute the test loss of a config's model (from --ckpt_path, or freshly initialised).",
     "predict": "Run the model's predict_step over the datamodule's predict split.",
-    "plugins": "List the registered plugins (attention, ffn, norm, position, block, tokenizer, adapter).",
+    "plugins": "List the registered plugins (attention, ffn, norm, position, block, tokenizer, adapter, judge).",
     "generate": "Sample text from an export folder.",
     "convert": "Convert a Hugging Face checkpoint folder to a lightningllm export folder, or back.",
     "estimate": ESTIMATE_SUMMARY,
