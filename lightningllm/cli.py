@@ -30,6 +30,8 @@ from lightningllm.checks import check_int, check_number
 from lightningllm.errors import ConfigError, LightningLLMError, write_error
 from lightningllm.estimate.command import SUMMARY as ESTIMATE_SUMMARY
 from lightningllm.estimate.command import estimate_command
+from lightningllm.evaluation.command import SUMMARY as EVALUATE_SUMMARY
+from lightningllm.evaluation.command import evaluate_command
 from lightningllm.labeling import SUMMARY as LABEL_SUMMARY
 from lightningllm.labeling import label_command
 from lightningllm.parse_errors import ShortErrors
@@ -568,6 +570,7 @@ SUMMARIES = {
     "generate": "Sample text from an export folder.",
     "convert": "Convert a Hugging Face checkpoint folder to a lightningllm export folder, or back.",
     "estimate": ESTIMATE_SUMMARY,
+    "evaluate": EVALUATE_SUMMARY,
     "label": LABEL_SUMMARY,
 }
 
@@ -579,6 +582,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "chat": chat_command,
     "convert": convert_command,
     "estimate": estimate_command,
+    "evaluate": evaluate_command,
     "label": label_command,
 }
 
