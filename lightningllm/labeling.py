@@ -1,13 +1,13 @@
 """``lightningllm label``: sample K responses per prompt from a policy, ask a judge, write preference JSON lines.
 
 Preferences (RLAIF, Lee et al., 2023): each prompt's best and worst responses by the judge's score become a
-line ``{"prompt", "chosen", "rejected", "chosen_score", "rejected_score", "judge"}`` (prompts whose K scores
-all tie teach nothing and are left out), or all K become ``{"prompt", "responses", "ranking", "scores",
-"judge"}`` with the responses sorted best first (``ranking[i]`` is response i's rank, 0 the best, which is also
-the order of indices from best to worst). With ``--revise`` (Constitutional AI's critique and revise, Bai et
-al., 2022) the judge's own model rewrites each response against its constitution's principles, and the pair
-(revision, original) becomes a preference line or, with ``--format sft``, an instruction record
-``{"instruction", "output"}`` for SFT.
+line ``{"prompt", "chosen", "rejected", "chosen_score", "rejected_score", "judge"}``, or all K become
+``{"prompt", "responses", "ranking", "scores", "judge"}`` with the responses sorted best first and ``ranking[i]``
+response i's rank (0 the best, ties share a rank), as :class:`~lightningllm.data.PreferenceDataModule` reads
+them. Prompts whose K scores all tie teach nothing and are left out. With ``--revise`` (Constitutional AI's
+critique and revise, Bai et al., 2022) the judge's own model rewrites each response against its constitution's
+principles, and the pair (revision, original) becomes a preference line or, with ``--format sft``, an
+instruction record ``{"instruction", "output"}`` for SFT.
 
 The file appears atomically once every line is written; an existing file is replaced only with
 ``--overwrite true`` and only when ``lightningllm label`` wrote it (every line carries a ``judge``).
@@ -152,17 +152,20 @@ def preference_lines(
 ) -> list[dict]:
     """One JSON line per prompt from its responses and their scores (P, K), best first (see the module doc).
 
-    ``pairs`` leaves out prompts whose K scores all tie.
+    Prompts whose K scores all tie teach nothing and are left out; in a ranking, tied responses share a rank.
     """
     lines = []
     for prompt, candidates, row in zip(prompts, responses, scores.tolist()):
-        order = sorted(range(len(candidates)), key=lambda i: -row[i])  # stable: ties keep sampling order
+        order = sorted(range(len(candidates)), key=lambda i: -row[i])  # best first; ties keep sampling order
+        best, worst = order[0], order[-1]
+        if row[best] == row[worst]:
+            continue
         if fmt == "ranking":
-            ranked = [candidates[i] for i in order]
-            lines.append({"prompt": prompt, "responses": ranked, "ranking": list(range(len(order))),
-                          "scores": [row[i] for i in order], "judge": judge})  # fmt: skip
-        elif row[order[0]] > row[order[-1]]:
-            best, worst = order[0], order[-1]
+            ranked = [row[i] for i in order]
+            ranks = [sorted(set(ranked), reverse=True).index(score) for score in ranked]
+            lines.append({"prompt": prompt, "responses": [candidates[i] for i in order], "ranking": ranks,
+                          "scores": ranked, "judge": judge})  # fmt: skip
+        else:
             lines.append({"prompt": prompt, "chosen": candidates[best], "rejected": candidates[worst],
                           "chosen_score": row[best], "rejected_score": row[worst], "judge": judge})  # fmt: skip
     return lines

@@ -1,4 +1,7 @@
-"""RewardModelJudge equals the exported reward model's own score of each pair, read alone."""
+"""RewardModelJudge equals the exported reward model's own score of each pair, read alone, and the score the
+reward-model task gives the same pair read by the preference data module."""
+
+import json
 
 import pytest
 import torch
@@ -35,38 +38,45 @@ RESPONSES = ["Nay, answer me.", ", or not to be, that is the question.", "Who"]
 
 def test_score_equals_the_models_score_row_by_row(reward_export, tokenizer):
     path, model = reward_export
-    judge = get("judge", "RewardModelJudge")(export_dir=str(path), batch_size=2)
+    judge = get("judge", "RewardModelJudge")(export_dir=str(path), template=None, batch_size=2)
     scores = judge(PROMPTS, RESPONSES)
     with torch.no_grad():
         expected = [
-            model(torch.tensor([[tokenizer.bos_id, *tokenizer.encode(p + r), tokenizer.eos_id]]))[0]
-            for p, r in zip(PROMPTS, RESPONSES)
+            model(torch.tensor([tokenizer.encode(p + r) + [tokenizer.eos_id]]))[0] for p, r in zip(PROMPTS, RESPONSES)
         ]
     torch.testing.assert_close(scores, torch.stack(expected), atol=1e-5, rtol=1e-5)
     assert len(set(scores.tolist())) == 3
 
 
+def test_score_equals_the_reward_model_tasks_score_on_preference_data(reward_export, tmp_path):
+    """The pairs label writes, read by PreferenceDataModule (chat template) and scored by RewardModeling."""
+    from lightningllm.data import PreferenceDataModule
+    from lightningllm.io import load
+    from lightningllm.tasks import RewardModeling
+
+    path, _ = reward_export
+    lines = [{"prompt": p, "chosen": r, "rejected": r[::-1], "judge": "MeterJudge"} for p, r in zip(PROMPTS, RESPONSES)]
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    data = PreferenceDataModule(str(path), train=str(tmp_path / "prefs.jsonl"), val=str(tmp_path / "prefs.jsonl"))
+    batch = next(iter(data.val_dataloader()))  # rows: chosen, rejected of each prompt
+    task = RewardModeling(load(path)[0]).eval()
+    with torch.no_grad():
+        expected = task(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    judge = get("judge", "RewardModelJudge")(export_dir=str(path), batch_size=4)  # template: chat, as the data's
+    prompts = [line["prompt"] for line in lines for _ in range(2)]
+    scores = judge(prompts, [text for line in lines for text in (line["chosen"], line["rejected"])])
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_a_long_pair_is_read_from_its_last_tokens(reward_export, tokenizer, caplog):
     path, model = reward_export
-    judge = get("judge", "RewardModelJudge")(export_dir=str(path))
+    judge = get("judge", "RewardModelJudge")(export_dir=str(path), template=None)
     response = TEXT * 2  # > max_seq_len=64 tokens
-    ids = [tokenizer.bos_id, *tokenizer.encode(PROMPTS[0] + response), tokenizer.eos_id][-64:]
+    ids = [*tokenizer.encode(PROMPTS[0] + response), tokenizer.eos_id][-64:]
     with torch.no_grad():
         expected = model(torch.tensor([ids]))
     torch.testing.assert_close(judge(PROMPTS[:2], [response, RESPONSES[1]])[:1], expected, atol=1e-5, rtol=1e-5)
     assert "1 of 2 prompt-response pairs have more tokens than the model reads (64" in caplog.text
-
-
-def test_template_reads_the_pair_as_a_chat_turn(reward_export, tokenizer):
-    from lightningllm.prompt import PromptTemplate
-
-    path, model = reward_export
-    judge = get("judge", "RewardModelJudge")(export_dir=str(path), template="chat")
-    messages = [{"role": "user", "content": PROMPTS[0]}, {"role": "assistant", "content": RESPONSES[0]}]
-    ids = PromptTemplate("chat").encode(tokenizer, messages)[0]
-    with torch.no_grad():
-        expected = model(torch.tensor([ids]))
-    torch.testing.assert_close(judge(PROMPTS[:1], RESPONSES[:1]), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_a_language_model_is_not_a_reward_model(tmp_path, tokenizer):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lightningllm.cli import main
+from lightningllm.data.preference import read_preferences
 from lightningllm.errors import ConfigError, DataError
 from lightningllm.io import export
 from lightningllm.labeling import Sampler, label, read_prompts
@@ -89,8 +90,10 @@ def test_cli_writes_pairs_and_ranking(policy, prompts_file, tmp_path, capsys):
     ranked = tmp_path / "ranked.jsonl"
     run(["label", *common, "--out", ranked, "--k", 4, "--format", "ranking"], capsys)
     for line in read_lines(ranked):
-        assert line["ranking"] == [0, 1, 2, 3] and line["scores"] == sorted(line["scores"], reverse=True)
-        assert meter([line["prompt"]] * 4, line["responses"]).tolist() == line["scores"]
+        scores = meter([line["prompt"]] * 4, line["responses"]).tolist()
+        assert scores == line["scores"] == sorted(scores, reverse=True)
+        assert line["ranking"] == [sorted(set(scores), reverse=True).index(s) for s in scores]  # ties share a rank
+    assert len(read_preferences(out)) == 3 and len(read_preferences(ranked)) == len(read_lines(ranked))
 
 
 def test_refuses_to_overwrite_and_replaces_only_its_own_file(policy, prompts_file, tmp_path, capsys):

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from lightningllm.alignment.logprobs import pad_pairs, padded_inputs
+from lightningllm.data.preference import encode_completion
 from lightningllm.errors import ConfigError
 from lightningllm.io import load
 from lightningllm.judges import Judge, keep_last, require_tokenizer
@@ -17,20 +18,22 @@ from lightningllm.registry import register
 class RewardModelJudge(Judge):
     """The scalar a trained reward model gives the tokenised prompt + response (Ouyang et al., 2022).
 
-    The pair is read as the reward model was trained on it: rendered by ``template`` as a user turn and the
-    assistant's reply (which ends with the end-of-turn token), or without one as ``<bos>`` + prompt +
-    response + ``<eos>``. Rows are right-padded into batches; the head pools each row's real tokens.
+    The pair is read as :class:`~lightningllm.data.PreferenceDataModule` gives it to the reward-model task: rendered
+    by ``template`` as a user turn and the assistant's reply, up to the reply's end-of-turn token, or without a
+    template as prompt + response + ``<eos>``. Rows are right-padded into batches; the head pools each row's
+    real tokens (``pooling: last`` reads the end of turn).
 
     Args:
         export_dir: the reward model's export (its head a ``ScalarHead`` with sequence pooling).
-        template: the prompt template the reward model was trained with (``chat``, ``alpaca``, a file), or None.
+        template: the prompt template the reward model was trained with (``chat``, ``alpaca``, a file), or None
+            (plain concatenation); the data module's default is ``chat``.
         batch_size: pairs per forward.
         device: where the model runs.
         trust_code: import any class the export's config names (see :func:`lightningllm.io.load`).
     """
 
     def __init__(
-        self, export_dir: str, template: str | None = None, batch_size: int = 16, device: str = "cpu",
+        self, export_dir: str, template: str | None = "chat", batch_size: int = 16, device: str = "cpu",
         trust_code: bool = False,
     ) -> None:  # fmt: skip
         self.model, tokenizer = load(export_dir, device=device, trust_code=trust_code)
@@ -46,14 +49,9 @@ class RewardModelJudge(Judge):
         self.batch_size, self.device = batch_size, device
 
     def pair_ids(self, prompt: str, response: str) -> list[int]:
-        """The token ids the reward model reads for one pair."""
-        tok = self.tokenizer
-        if self.template is None:
-            ids = [tok.bos_id, *tok.encode(prompt), *tok.encode(response), tok.eos_id]
-        else:
-            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-            ids = self.template.encode(tok, messages)[0]
-        return ids
+        """The token ids the reward model reads for one pair, as the reward-model task trained on them."""
+        prompt_ids, response_ids = encode_completion(self.tokenizer, self.template, prompt, response)
+        return prompt_ids + response_ids
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str]) -> Tensor:
