@@ -32,6 +32,8 @@ from lightningllm.estimate.command import SUMMARY as ESTIMATE_SUMMARY
 from lightningllm.estimate.command import estimate_command
 from lightningllm.evaluation.command import SUMMARY as EVALUATE_SUMMARY
 from lightningllm.evaluation.command import evaluate_command
+from lightningllm.labeling import SUMMARY as LABEL_SUMMARY
+from lightningllm.labeling import label_command
 from lightningllm.parse_errors import ShortErrors
 from lightningllm.tasks.span_corruption import decode_with_sentinels
 
@@ -555,6 +557,7 @@ USAGE = """usage: lightningllm {fit,validate,test,predict} --config CONFIG.yaml 
        lightningllm convert --from-hf HF_DIR --out EXPORT_DIR
        lightningllm convert --to-hf EXPORT_DIR --out HF_DIR [--family gpt2|llama|mistral|mixtral|bert]
        lightningllm estimate --config CONFIG.yaml [--key=value ...] [--device_memory_gib GIB]
+       lightningllm label POLICY_EXPORT --judge JUDGE [--judge.OPTION V ...] --out FILE.jsonl [--prompts SOURCE --k K]
 """
 
 #: One line per command, for ``lightningllm --help`` and each command's own ``--help``.
@@ -563,11 +566,12 @@ SUMMARIES = {
     "validate": "Compute the validation loss of a config's model (from --ckpt_path, or freshly initialised).",
     "test": "Compute the test loss of a config's model (from --ckpt_path, or freshly initialised).",
     "predict": "Run the model's predict_step over the datamodule's predict split.",
-    "plugins": "List the registered plugins (attention, ffn, norm, position, block, tokenizer, adapter).",
+    "plugins": "List the registered plugins (attention, ffn, norm, position, block, tokenizer, adapter, judge).",
     "generate": "Sample text from an export folder.",
     "convert": "Convert a Hugging Face checkpoint folder to a lightningllm export folder, or back.",
     "estimate": ESTIMATE_SUMMARY,
     "evaluate": EVALUATE_SUMMARY,
+    "label": LABEL_SUMMARY,
 }
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -579,6 +583,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "convert": convert_command,
     "estimate": estimate_command,
     "evaluate": evaluate_command,
+    "label": label_command,
 }
 
 

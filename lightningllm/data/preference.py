@@ -209,14 +209,7 @@ class PreferenceDataModule(L.LightningDataModule):
     # --- tokenising ------------------------------------------------------------------------------
     def encode(self, prompt: str, completion: str) -> tuple[list[int], list[int]]:
         """(prompt ids, completion ids) of one completion as the assistant's reply."""
-        if self.template is None:
-            return self.tokenizer.encode(prompt), self.tokenizer.encode(completion) + [self.tokenizer.eos_id]
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-        ids, trained = self.template.encode(self.tokenizer, messages)
-        if True not in trained:
-            return ids, []
-        start, end = trained.index(True), len(trained) - trained[::-1].index(True)
-        return ids[:start], ids[start:end]  # what the template renders after the reply's end of turn is dropped
+        return encode_completion(self.tokenizer, self.template, prompt, completion)
 
     def _examples(self, records: list[tuple], split: str) -> list[tuple[int, Ranked | Labelled]]:
         examples = []
@@ -260,6 +253,21 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def _workers(self) -> dict[str, Any]:
         return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+
+
+def encode_completion(
+    tokenizer: Tokenizer, template: PromptTemplate | None, prompt: str, completion: str
+) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of ``completion`` as the assistant's reply to ``prompt``, rendered by ``template``
+    (None: the prompt's tokens, then the completion's and ``eos``); shared with the reward-model judge."""
+    if template is None:
+        return tokenizer.encode(prompt), tokenizer.encode(completion) + [tokenizer.eos_id]
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    ids, trained = template.encode(tokenizer, messages)
+    if True not in trained:
+        return ids, []
+    start, end = trained.index(True), len(trained) - trained[::-1].index(True)
+    return ids[:start], ids[start:end]  # what the template renders after the reply's end of turn is dropped
 
 
 def _labelled(ranked: Ranked) -> list[Labelled]:
