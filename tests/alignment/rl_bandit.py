@@ -26,11 +26,12 @@ def bandit_tokenizer() -> CharTokenizer:
     return tokenizer
 
 
-def bandit_policy(seed: int = 0, dim: int = 16, **kwargs) -> Decoder:
+def bandit_policy(seed: int = 0, dim: int = 16, vocab_size: int = 7, **kwargs) -> Decoder:
     torch.manual_seed(seed)
     return Decoder(
-        vocab_size=7, dim=dim, n_layers=1, n_heads=2, max_seq_len=16, attention=get("attention", "MultiHeadAttention"),
-        ffn=get("ffn", "MLP"), norm=get("norm", "LayerNorm"), position=get("position", "LearnedPosition"),
+        vocab_size=vocab_size, dim=dim, n_layers=1, n_heads=2, max_seq_len=16,
+        attention=get("attention", "MultiHeadAttention"), ffn=get("ffn", "MLP"), norm=get("norm", "LayerNorm"),
+        position=get("position", "LearnedPosition"),
         block=get("block", "PreNorm"), dropout=0.0, **kwargs,
     )  # fmt: skip
 
