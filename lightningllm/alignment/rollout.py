@@ -118,11 +118,12 @@ class JudgeReward:
     def __init__(self, judge: Callable[[list[str], list[str]], Tensor], tokenizer: Tokenizer) -> None:
         self.judge, self.tokenizer = judge, tokenizer
 
-    def __call__(self, prompts: list[list[int]], responses: list[list[int]]) -> Tensor:
-        """Token ids of B prompts and responses -> (B,) float32 scores."""
+    def __call__(self, prompts: list[list[int]], responses: list[list[int]], texts: list[str] | None = None) -> Tensor:
+        """Token ids of B prompts and responses -> (B,) float32 scores; ``texts``: the prompts as the judge should
+        read them (without the template around them), else the prompt ids decoded."""
         eos = self.tokenizer.eos_id
-        texts = [self.tokenizer.decode(r[:-1] if r and r[-1] == eos else r) for r in responses]
-        scores = self.judge([self.tokenizer.decode(p) for p in prompts], texts)
+        replies = [self.tokenizer.decode(r[:-1] if r and r[-1] == eos else r) for r in responses]
+        scores = self.judge(texts if texts is not None else [self.tokenizer.decode(p) for p in prompts], replies)
         scores = torch.as_tensor(scores, dtype=torch.float32).flatten()
         if scores.shape[0] != len(responses):
             raise ConfigError(
@@ -149,8 +150,8 @@ class ModelReward:
         self.model, self.tokenizer, self.reward_tokenizer = model, tokenizer, reward_tokenizer
 
     @torch.no_grad()
-    def __call__(self, prompts: list[list[int]], responses: list[list[int]]) -> Tensor:
-        """Token ids of B prompts and responses -> (B,) float32 scores."""
+    def __call__(self, prompts: list[list[int]], responses: list[list[int]], texts: list[str] | None = None) -> Tensor:
+        """Token ids of B prompts (as the policy saw them) and responses -> (B,) float32 scores."""
         if self.reward_tokenizer is not None:
             encode, decode = self.reward_tokenizer.encode, self.tokenizer.decode
             prompts = [encode(decode(p)) for p in prompts]

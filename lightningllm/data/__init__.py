@@ -5,6 +5,7 @@ from lightningllm.data.corpus import Document, corpus_fingerprint, load_corpus, 
 from lightningllm.data.genre import ShakespeareGenreDataModule
 from lightningllm.data.instruction import InstructionDataModule
 from lightningllm.data.prefix import PrefixLMDataModule, PrefixWindows
+from lightningllm.data.prompts import PromptDataModule
 from lightningllm.data.text import TextDataModule, TokenWindows
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "InstructionDataModule",
     "PrefixLMDataModule",
     "PrefixWindows",
+    "PromptDataModule",
     "ShakespeareGenreDataModule",
     "TextDataModule",
     "TokenWindows",

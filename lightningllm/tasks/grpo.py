@@ -18,7 +18,7 @@ from lightningllm.alignment.rl import (
     leave_one_out_advantages,
     masked_mean,
 )
-from lightningllm.alignment.rollout import Judge, Rollout, policy_outputs
+from lightningllm.alignment.rollout import Rollout, policy_outputs
 from lightningllm.errors import ConfigError
 from lightningllm.hparams import save_hyperparameters
 from lightningllm.tasks.online_rl import FrozenModel, OnlineRL
@@ -64,7 +64,7 @@ class GRPO(OnlineRL):
         self,
         model: nn.Module,
         reward_model: FrozenModel = None,
-        judge: Judge | None = None,
+        judge: object | None = None,
         reference: FrozenModel = None,
         reward_tokenizer: str | None = None,
         retokenize: bool = False,

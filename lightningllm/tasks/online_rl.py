@@ -12,7 +12,6 @@ from torch import Tensor, nn
 from lightningllm import io
 from lightningllm.alignment.rl import KLEstimator, kl_estimate, masked_mean
 from lightningllm.alignment.rollout import (
-    Judge,
     JudgeReward,
     ModelReward,
     Rollout,
@@ -56,7 +55,7 @@ class OnlineRL(TrainingTask):
     """
 
     def init_rl(
-        self, model: nn.Module, *, reward_model: FrozenModel, judge: Judge | None, reference: FrozenModel,
+        self, model: nn.Module, *, reward_model: FrozenModel, judge: object | None, reference: FrozenModel,
         reward_tokenizer: str | None, retokenize: bool, optimizer: OptimizerCallable, warmup_steps: int,
         schedule: Schedule, min_lr_ratio: float, activation_checkpointing: bool, compile: bool, max_new_tokens: int,
         kl_coef: float, kl_estimator: KLEstimator, clip: float, entropy_coef: float, epochs: int,
@@ -73,6 +72,11 @@ class OnlineRL(TrainingTask):
                 f"{owner} needs exactly one reward source: a `judge` (judge(prompts, responses) -> scores) or a "
                 f"`reward_model` (an export folder or a model with a sequence ScalarHead); got "
                 f"{'both' if judge is not None else 'neither'}."
+            )
+        if judge is not None and not callable(judge):
+            raise ConfigError(
+                f"{owner} judge={type(judge).__name__} cannot score: a judge is called as judge(prompts, responses) "
+                "-> one score per pair (a judge plugin, or any callable with that signature)."
             )
         for name, value, minimum in [("max_new_tokens", max_new_tokens, 1), ("epochs", epochs, 1),
                                      ("group_size", group_size, 1)]:  # fmt: skip
@@ -157,8 +161,8 @@ class OnlineRL(TrainingTask):
 
     # --- a step ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def rollout(self, prompts: list[Tensor]) -> Rollout:
-        """Sample, score and read the reference for a batch of prompts."""
+    def rollout(self, prompts: list[Tensor], texts: list[str] | None = None) -> Rollout:
+        """Sample, score and read the reference for a batch of prompts (1-D ids; ``texts``: as a judge reads them)."""
         tok = self.tokenizer
         gen = sample(self.model, prompts, self.max_new_tokens, group_size=self.group_size, eos_id=tok.eos_id,
                      pad_id=tok.pad_id, vocab_limit=tok.vocab_size)  # fmt: skip
@@ -166,11 +170,16 @@ class OnlineRL(TrainingTask):
         ref = None
         if self.kl_coef > 0 or self.frozen["reference"] is not None:
             ref = reference_logprobs(self.model, self.frozen["reference"], tokens, attention_mask, P)
-        scores = self.reward(prompt_ids(tokens, attention_mask, P), completions(tokens[:, P:], gen.mask))
+        texts = [text for text in texts for _ in range(self.group_size)] if texts is not None else None
+        scores = self.reward(prompt_ids(tokens, attention_mask, P), completions(tokens[:, P:], gen.mask), texts)
         return Rollout(tokens, attention_mask, gen.mask, gen.logprobs, ref, scores.to(tokens.device))
 
-    def training_step(self, batch: list[Tensor], batch_idx: int) -> None:
-        rollout = self.rollout(batch)
+    def training_step(self, batch: dict | list[Tensor], batch_idx: int) -> None:
+        """``batch``: ``{"input_ids": [1-D ids], "prompts": [texts]}`` (PromptDataModule) or a list of 1-D ids."""
+        if isinstance(batch, dict):
+            rollout = self.rollout(batch["input_ids"], batch.get("prompts"))
+        else:
+            rollout = self.rollout(batch)
         data = self.prepare(rollout)
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         stats: dict[str, list[Tensor]] = defaultdict(list)

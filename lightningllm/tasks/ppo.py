@@ -18,7 +18,7 @@ from lightningllm.alignment.rl import (
     masked_whiten,
     token_rewards,
 )
-from lightningllm.alignment.rollout import Judge, Rollout, policy_outputs
+from lightningllm.alignment.rollout import Rollout, policy_outputs
 from lightningllm.checks import check_number
 from lightningllm.hparams import save_hyperparameters
 from lightningllm.tasks.online_rl import FrozenModel, OnlineRL
@@ -49,7 +49,8 @@ class PPO(OnlineRL):
         model: the policy, a causal model (its adapters, if any, are what trains).
         reward_model: an export folder (loaded with its tokenizer) or a model giving one score per sequence;
             frozen. Give this or ``judge``.
-        judge: ``judge(prompts, responses) -> (B,)`` scores over text.
+        judge: any object called as ``judge(prompts, responses) -> (B,)`` scores over text (a judge plugin, named by
+            ``class_path`` in YAML; typed ``object`` so LightningCLI builds any such class).
         reference: an export folder or a model, frozen; None: the policy with its adapters disabled.
         reward_tokenizer: the reward model's tokenizer folder, when ``reward_model`` is a built model whose
             tokenizer is not the policy's.
@@ -76,7 +77,7 @@ class PPO(OnlineRL):
         self,
         model: nn.Module,
         reward_model: FrozenModel = None,
-        judge: Judge | None = None,
+        judge: object | None = None,
         reference: FrozenModel = None,
         reward_tokenizer: str | None = None,
         retokenize: bool = False,
