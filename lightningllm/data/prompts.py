@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -10,7 +11,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightningllm.data.corpus import SHAKESPEARE, load_corpus
-from lightningllm.data.instruction import read_jsonl
 from lightningllm.data.instruction_shakespeare import shakespeare_instructions
 from lightningllm.data.resumable import resumable_loader
 from lightningllm.data.text import split_by_document
@@ -105,11 +105,26 @@ class PromptDataModule(L.LightningDataModule):
 
     def _texts(self) -> list[str]:
         if self.source != SHAKESPEARE:
-            return [prompt_text(r, f"{Path(self.source).name} line {n}") for n, r in
-                    enumerate(read_jsonl(self.source), start=1)]  # fmt: skip
+            return read_prompts(Path(self.source))
         corpus = load_corpus(SHAKESPEARE, self.data_dir)
         plays = split_by_document(corpus, self.val_documents, None, self.seed, SHAKESPEARE)["train"]
         return [prompt_text(r, "record") for r in shakespeare_instructions(plays, lambda r: True, self.seed)]
+
+
+def read_prompts(path: Path) -> list[str]:
+    """The prompt texts of a JSON-lines file, blank lines skipped (:func:`prompt_text` of each record)."""
+    if not path.is_file():
+        raise DataError(f"Prompt file {str(path)!r} does not exist; pass a JSON-lines file or 'shakespeare'.")
+    texts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            where = f"{path.name} line {number}"
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                raise DataError(f"{where} is not valid JSON ({err}); each line must hold one JSON object.") from None
+            texts.append(prompt_text(record, where))
+    return texts
 
 
 def collate_prompts(items: list[tuple[str, list[int]]]) -> dict:
