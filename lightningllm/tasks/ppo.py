@@ -124,6 +124,12 @@ class PPO(OnlineRL):
         self.whiten_advantages = whiten_advantages
         self.value_head = registry.get("head", "ScalarHead")(dim=model.dim, pooling="token")
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["kl_coef"] = self.kl.value  # the adaptive coefficient resumes where it was
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.kl.value = checkpoint.get("kl_coef", self.kl.value)
+
     @torch.no_grad()
     def prepare(self, rollout: Rollout) -> dict[str, Tensor]:
         """Old values, KL-penalised token rewards, GAE advantages and returns, each (B, n)."""

@@ -140,3 +140,18 @@ def test_ppo_refuses_bad_input_with_one_paragraph(tmp_path):
     task.tokenizer = bandit.tokenizer
     with pytest.raises(ConfigError, match="must share one tokenizer"):
         task.setup("fit")
+
+
+def test_the_adaptive_kl_coefficient_moves_towards_its_target_and_resumes_from_a_checkpoint(tmp_path):
+    bandit = Bandit(length=2)
+    policy = bandit_policy(seed=0)
+    task = PPO(policy, judge=bandit.judge, reference=copy.deepcopy(policy), optimizer=partial(torch.optim.Adam, lr=3e-3),
+               max_new_tokens=2, kl_coef=0.1, kl_target=0.01, kl_horizon=200, minibatch_size=32)  # fmt: skip
+    task.tokenizer = bandit.tokenizer
+    trainer = fit(task, prompt_loader(bandit, batch_size=32, n_batches=10))
+    assert task.kl.value > 0.1  # the KL ran above its target of 0.01 nats: the coefficient rose
+    trainer.save_checkpoint(tmp_path / "ppo.ckpt")
+    again = PPO.load_from_checkpoint(tmp_path / "ppo.ckpt", model=bandit_policy(seed=5), judge=bandit.judge,
+                                     reference=copy.deepcopy(policy), weights_only=False)  # fmt: skip
+    assert again.kl.value == task.kl.value
+    torch.testing.assert_close(again.model.state_dict(), policy.state_dict())
