@@ -145,8 +145,9 @@ def test_ppo_refuses_bad_input_with_one_paragraph(tmp_path):
 def test_the_adaptive_kl_coefficient_moves_towards_its_target_and_resumes_from_a_checkpoint(tmp_path):
     bandit = Bandit(length=2)
     policy = bandit_policy(seed=0)
-    task = PPO(policy, judge=bandit.judge, reference=copy.deepcopy(policy), optimizer=partial(torch.optim.Adam, lr=3e-3),
-               max_new_tokens=2, kl_coef=0.1, kl_target=0.01, kl_horizon=200, minibatch_size=32)  # fmt: skip
+    adam = partial(torch.optim.Adam, lr=3e-3)
+    task = PPO(policy, judge=bandit.judge, reference=copy.deepcopy(policy), optimizer=adam, max_new_tokens=2,
+               kl_coef=0.1, kl_target=0.01, kl_horizon=200, minibatch_size=32)  # fmt: skip
     task.tokenizer = bandit.tokenizer
     trainer = fit(task, prompt_loader(bandit, batch_size=32, n_batches=10))
     assert task.kl.value > 0.1  # the KL ran above its target of 0.01 nats: the coefficient rose
