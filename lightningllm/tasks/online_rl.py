@@ -98,8 +98,11 @@ class OnlineRL(TrainingTask):
             self._reward_tokenizer = Tokenizer.load(reward_tokenizer)
         if kl_coef > 0:
             check_reference(model, reference_model, owner)
-        self.frozen = {"reference": reference_model, "reward_model": reward}  # a dict: outside the module tree
-        self.judge, self.retokenize = judge, retokenize
+        if isinstance(judge, nn.Module):  # a judge that is a model (an LM or reward-model judge) is frozen too
+            judge.eval().requires_grad_(False)
+        # a dict keeps them outside the module tree: out of the optimizer, the checkpoint and DDP
+        self.frozen = {"reference": reference_model, "reward_model": reward, "judge": judge}
+        self.retokenize = retokenize
         self.max_new_tokens, self.kl_coef, self.kl_estimator, self.clip = max_new_tokens, kl_coef, kl_estimator, clip
         self.entropy_coef, self.epochs, self.minibatch_size = entropy_coef, epochs, minibatch_size
         self.max_grad_norm, self.group_size = max_grad_norm, group_size
@@ -125,8 +128,8 @@ class OnlineRL(TrainingTask):
         self.reward = self._reward_source(tokenizer)
 
     def _reward_source(self, tokenizer: Tokenizer):
-        if self.judge is not None:
-            return JudgeReward(self.judge, tokenizer)
+        if self.frozen["judge"] is not None:
+            return JudgeReward(self.frozen["judge"], tokenizer)
         other = self._reward_tokenizer
         if other is None or same_tokenizer(tokenizer, other):
             return ModelReward(self.frozen["reward_model"], tokenizer)
@@ -141,7 +144,7 @@ class OnlineRL(TrainingTask):
 
     def on_fit_start(self) -> None:
         for model in self.frozen.values():
-            if model is not None:
+            if isinstance(model, nn.Module):
                 model.to(self.device)
 
     def configure_optimizers(self):

@@ -85,7 +85,7 @@ def test_frozen_models_stay_out_of_the_optimizer_and_the_checkpoint(tmp_path):
                max_new_tokens=1, minibatch_size=8, epochs=1)  # fmt: skip
     task.tokenizer = bandit.tokenizer
     trainer = fit(task, prompt_loader(bandit, batch_size=8, n_batches=3))
-    frozen = [p for model in task.frozen.values() for p in model.parameters()]
+    frozen = [p for model in (task.frozen["reference"], task.frozen["reward_model"]) for p in model.parameters()]
     assert frozen and not any(p.requires_grad for p in frozen)
     trained = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert not trained & {id(p) for p in frozen}

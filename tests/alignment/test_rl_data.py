@@ -87,3 +87,30 @@ def test_every_rlhf_config_parses(config, capsys):
         main(["fit", "--config", config, "--print_config"])
     assert exit_info.value.code == 0
     assert "SpeakerJudge" in capsys.readouterr().out
+
+
+class ModelJudge(torch.nn.Module):
+    """A judge that is a model: scores a reply by a (frozen) linear map of its length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(1, 1)
+
+    def forward(self, prompts, responses):
+        lengths = torch.tensor([[float(len(r))] for r in responses], device=self.proj.weight.device)
+        return self.proj(lengths).squeeze(-1)
+
+
+def test_a_judge_that_is_a_model_stays_frozen_and_out_of_the_checkpoint(tokenizer_dir, prompts_file, tmp_path):
+    data = PromptDataModule(str(tokenizer_dir), train=str(prompts_file), max_prompt_len=60, batch_size=2)
+    judge = ModelJudge()
+    task = GRPO(build_decoder(vocab_size=data.vocab_size, max_seq_len=96), judge=judge, kl_coef=0.0, max_new_tokens=3)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(task, datamodule=data)
+    assert not judge.proj.weight.requires_grad and not judge.training
+    trained = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert not trained & {id(p) for p in judge.parameters()}
+    trainer.save_checkpoint(tmp_path / "grpo.ckpt")
+    state = torch.load(tmp_path / "grpo.ckpt", weights_only=True)["state_dict"]
+    assert {key.split(".")[0] for key in state} == {"model"}
