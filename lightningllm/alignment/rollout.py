@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -20,13 +19,6 @@ from lightningllm.alignment.rl import entropy
 from lightningllm.errors import ConfigError
 from lightningllm.generation import generate
 from lightningllm.tokenizer import Tokenizer
-
-
-@runtime_checkable
-class Judge(Protocol):
-    """Scores (prompt, response) pairs: ``judge(prompts, responses) -> (B,)`` float tensor (or a list of floats)."""
-
-    def __call__(self, prompts: list[str], responses: list[str]) -> Tensor: ...
 
 
 @dataclass

@@ -10,7 +10,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from lightningllm import io
-from lightningllm.alignment.rl import KLEstimator, kl_estimate, masked_mean
+from lightningllm.alignment.rl import KLEstimator, kl_estimate
 from lightningllm.alignment.rollout import (
     JudgeReward,
     ModelReward,
@@ -217,7 +217,3 @@ class OnlineRL(TrainingTask):
     def minibatch_loss(self, rollout: Rollout, data: dict[str, Tensor], index: Tensor) -> tuple[Tensor, dict]:
         """The loss of rollouts ``index`` and the statistics to log (``policy_loss``, ``entropy``, ...)."""
         raise NotImplementedError
-
-    @staticmethod
-    def mean_entropy(entropy: Tensor, mask: Tensor) -> Tensor:
-        return masked_mean(entropy, mask)
