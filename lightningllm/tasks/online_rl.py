@@ -45,13 +45,16 @@ def load_frozen(model: FrozenModel) -> tuple[nn.Module | None, Tokenizer | None]
 class OnlineRL(TrainingTask):
     """Base of :class:`~lightningllm.tasks.PPO` and :class:`~lightningllm.tasks.GRPO` (manual optimisation).
 
-    Each training batch is a list of prompts (1-D id tensors). A step samples ``group_size`` responses to each
-    (:func:`~lightningllm.alignment.rollout.sample`), scores them with the judge or the reward model, reads the
-    reference's log-probabilities, lets the subclass compute advantages (:meth:`prepare`), then runs ``epochs``
-    passes of shuffled minibatches over the rollouts, one optimizer step each (:meth:`minibatch_loss`).
+    Each training batch is ``{"input_ids": [1-D prompt ids], "prompts": [texts]}``
+    (:class:`~lightningllm.data.PromptDataModule`) or a bare list of 1-D prompt ids. A step samples
+    ``group_size`` responses to each (:func:`~lightningllm.alignment.rollout.sample`), scores them with the judge
+    or the reward model, reads the reference's log-probabilities, lets the subclass compute advantages
+    (:meth:`prepare`), then runs ``epochs`` passes of shuffled minibatches over the rollouts, one optimizer step
+    each (:meth:`minibatch_loss`).
 
-    The reference and the reward model are frozen and held outside the module tree: they are not in the
-    optimizer, not in checkpoints, and not wrapped by DDP; :meth:`on_fit_start` moves them to the device.
+    The reference, the reward model and a judge that is a model are frozen and held outside the module tree
+    (``self.frozen``): they are not in the optimizer, not in checkpoints, and not wrapped by DDP;
+    :meth:`on_fit_start` moves them to the device.
     """
 
     def init_rl(
