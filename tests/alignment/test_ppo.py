@@ -36,10 +36,14 @@ def test_ppo_approaches_the_kl_regularised_optimum_of_a_bandit():
     optimum = bandit.optimum(ref_logprobs, beta)
     start, best = bandit.expected_reward(ref_logprobs), bandit.expected_reward(optimum)
     best_kl = bandit.kl(optimum, ref_logprobs)  # ~1.4 nats
-    task = PPO(policy, judge=bandit.judge, reference=reference, optimizer=partial(torch.optim.Adam, lr=2e-3),
-               max_new_tokens=2, kl_coef=beta, epochs=2, minibatch_size=32, vf_coef=0.5)  # fmt: skip
+    # the learning rate decays linearly to a tenth over the optimizer steps, so the last iterate sits still
+    task = PPO(policy, judge=bandit.judge, reference=reference, optimizer=partial(torch.optim.Adam, lr=3e-3),
+               max_new_tokens=2, kl_coef=beta, epochs=2, minibatch_size=32, vf_coef=0.5, schedule="linear",
+               min_lr_ratio=0.1)  # fmt: skip
     task.tokenizer = bandit.tokenizer
-    fit(task, prompt_loader(bandit, batch_size=64, n_batches=150))
+    trainer = fit(task, prompt_loader(bandit, batch_size=64, n_batches=150))
+    assert trainer.global_step == 150 * 2 * 2  # batches x epochs x minibatches: the schedule's length
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(3e-4)
     logprobs = bandit.logprobs(policy)
     reward, kl = bandit.expected_reward(logprobs), bandit.kl(logprobs, ref_logprobs)
     # the expected reward closes most of the gap to E_pi*[r] without passing it by more than noise, and the KL to
