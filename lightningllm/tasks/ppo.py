@@ -61,7 +61,9 @@ class PPO(OnlineRL):
         kl_coef: the KL coefficient (the starting one with ``kl_target``).
         kl_target: nats per response the adaptive coefficient aims for; None: fixed.
         kl_horizon: rollouts over which the adaptive coefficient corrects fully.
-        kl_estimator: ``k1`` (log-ratio) or ``k3`` (``exp(-lr) - 1 + lr``) per token.
+        kl_estimator: ``k1`` (the log-ratio: its policy gradient is exactly that of ``E[r] - kl_coef KL``) or
+            ``k3`` (``exp(-lr) - 1 + lr``: lower variance, but as a reward its gradient is biased; see
+            docs/alignment-rl.md).
         gamma, lam: GAE's discount and lambda.
         clip: the ratio clip epsilon.
         value_clip: the clip of value changes in the value loss.
