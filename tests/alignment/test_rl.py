@@ -192,3 +192,34 @@ def test_policy_outputs_read_the_generated_tokens_like_trl():
     logits = model(tokens, **padded_inputs(attention))[:, 3:-1]  # (B, n, V): states before the generated tokens
     torch.testing.assert_close(logprobs, selective_log_softmax(logits, tokens[:, 4:]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent, entropy_from_logits(logits), rtol=1e-5, atol=1e-5)
+
+
+def test_which_kl_gradient_each_estimator_gives_in_the_reward_and_in_the_loss():
+    """Exact expectations over a 5-id vocabulary (no sampling) of the two ways the tasks use an estimate k(y):
+    as a detached reward (PPO: E[k grad log pi]) and differentiated in the loss (GRPO: E[grad k])."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, requires_grad=True)
+    ref = torch.randn(5).log_softmax(0)
+
+    def grad(f):
+        return torch.autograd.grad(f(), logits)[0]
+
+    def logp():
+        return logits.log_softmax(0)
+
+    reverse = grad(lambda: (logp().exp() * (logp() - ref)).sum())  # grad KL(pi || ref)
+    forward = grad(lambda: -(ref.exp() * logp()).sum())  # grad KL(ref || pi)
+    pi = logp().exp().detach()
+
+    def in_reward(estimator):  # sum_y pi(y) k(y) grad log pi(y), k detached
+        k = kl_estimate(logp().detach(), ref, estimator)
+        return grad(lambda: (pi * k * logp()).sum())
+
+    def in_loss(estimator):  # sum_y pi(y) grad k(y), samples (pi) detached
+        return grad(lambda: (pi * kl_estimate(logp(), ref, estimator)).sum())
+
+    torch.testing.assert_close(in_reward("k1"), reverse)  # PPO's default: the exact regularised gradient
+    torch.testing.assert_close(in_reward("k3"), reverse - forward)  # unbiased value, biased gradient
+    torch.testing.assert_close(in_loss("k1"), torch.zeros(5))  # why GRPO refuses k1
+    torch.testing.assert_close(in_loss("k2"), reverse)
+    torch.testing.assert_close(in_loss("k3"), forward)
