@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from math import inf
+
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
@@ -19,7 +21,7 @@ from lightningllm.alignment.rl import (
     token_rewards,
 )
 from lightningllm.alignment.rollout import Rollout, policy_outputs
-from lightningllm.checks import check_number
+from lightningllm.checks import check_int, check_number
 from lightningllm.hparams import save_hyperparameters
 from lightningllm.tasks.online_rl import FrozenModel, OnlineRL
 from lightningllm.tasks.optim import Schedule
@@ -115,10 +117,10 @@ class PPO(OnlineRL):
             entropy_coef=entropy_coef, epochs=epochs, minibatch_size=minibatch_size, max_grad_norm=max_grad_norm,
             group_size=1,
         )  # fmt: skip
-        for name, value, low, high in [("gamma", gamma, 0.0, 1.0), ("lam", lam, 0.0, 1.0),
-                                       ("value_clip", value_clip, 0.0, float("inf")), ("vf_coef", vf_coef, 0.0,
-                                       float("inf"))]:  # fmt: skip
-            check_number("PPO", name, value, low, high)
+        bounded = {"gamma": (gamma, 1.0), "lam": (lam, 1.0), "value_clip": (value_clip, inf), "vf_coef": (vf_coef, inf)}
+        for name, (value, high) in bounded.items():
+            check_number("PPO", name, value, 0.0, high)
+        check_int("PPO", "kl_horizon", kl_horizon, minimum=1)
         if kl_target is not None:
             check_number("PPO", "kl_target", kl_target, 0.0, extra="(nats per response, or null: a fixed kl_coef)")
         self.kl = AdaptiveKLController(kl_coef, kl_target, kl_horizon)
@@ -138,7 +140,10 @@ class PPO(OnlineRL):
         mask = rollout.mask
         _, _, values = policy_outputs(self.model, rollout.tokens, rollout.attention_mask, rollout.prompt_len,
                                       self.value_head)  # fmt: skip
-        kl = kl_estimate(rollout.logprobs, rollout.ref_logprobs, self.kl_estimator) if self.kl_coef > 0 else 0 * values
+        if self.kl_coef > 0:
+            kl = kl_estimate(rollout.logprobs, rollout.ref_logprobs, self.kl_estimator)
+        else:
+            kl = torch.zeros_like(values)
         rewards = token_rewards(rollout.scores, kl, mask, self.kl.value)
         advantages, returns = gae(rewards, values, mask, self.gamma, self.lam)
         if self.whiten_advantages:
