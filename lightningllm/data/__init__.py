@@ -6,6 +6,7 @@ from lightningllm.data.genre import ShakespeareGenreDataModule
 from lightningllm.data.instruction import InstructionDataModule
 from lightningllm.data.preference import PreferenceDataModule
 from lightningllm.data.prefix import PrefixLMDataModule, PrefixWindows
+from lightningllm.data.prompts import PromptDataModule
 from lightningllm.data.text import TextDataModule, TokenWindows
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "PreferenceDataModule",
     "PrefixLMDataModule",
     "PrefixWindows",
+    "PromptDataModule",
     "ShakespeareGenreDataModule",
     "TextDataModule",
     "TokenWindows",
