@@ -7,7 +7,6 @@ import lightning as L
 import pytest
 import torch
 
-from lightningllm import registry
 from lightningllm.cli import main
 from lightningllm.data import PromptDataModule
 from lightningllm.errors import ConfigError, DataError
@@ -83,12 +82,12 @@ def test_a_judge_that_is_not_callable_is_refused():
 
 @pytest.mark.parametrize("config", sorted(str(p) for p in Path("configs/rlhf").glob("*.yaml")))
 def test_every_rlhf_config_parses(config, capsys):
-    if "judge" not in registry.KINDS:
-        pytest.skip("SpeakerJudge and the judge plugin kind come with the judges branch (m-judge)")
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", config, "--print_config"])
     assert exit_info.value.code == 0
-    assert "SpeakerJudge" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    if "ppo" in config or "grpo" in config:  # online RL scores its rollouts with the speaker judge
+        assert "SpeakerJudge" in printed
 
 
 class ModelJudge(torch.nn.Module):
