@@ -57,7 +57,7 @@ class ReplayMix(L.Callback):
         rows = _n_rows(batch)
         share = self.replay_share(_progress(task.trainer))
         self._owed += share * rows
-        n = min(int(self._owed), rows)
+        n = min(int(self._owed + 1e-9), rows)  # 1e-9: 0.3 * 10 adds up to 2.9999999999999996
         self._owed -= n
         task.log("train/replay_share", share)
         if n == 0:
