@@ -50,11 +50,18 @@ class PretrainingData:
         data_dir: str = ".cache/lightningllm",
     ) -> None:
         self.export = export
-        self.data = TextDataModule(
-            Tokenizer.load(export), corpus=corpus, data_dir=data_dir, seq_len=seq_len, batch_size=batch_size,
-            val_documents=val_documents, seed=seed,
-        )  # fmt: skip
+        self.options = dict(corpus=corpus, data_dir=data_dir, seq_len=seq_len, batch_size=batch_size,
+                            val_documents=val_documents, seed=seed)  # fmt: skip
+        self._data: TextDataModule | None = None
         self._start_head: nn.Module | None = None
+
+    @property
+    def data(self) -> TextDataModule:
+        """The pretraining run's data module, with the export's tokenizer (built on first use: parsing a config
+        reads no file)."""
+        if self._data is None:
+            self._data = TextDataModule(Tokenizer.load(self.export), **self.options)
+        return self._data
 
     def windows(self, split: str, indices: Tensor) -> dict[str, Tensor]:
         """``{"input_ids", "labels"}`` (N, T) of the windows ``indices`` (N,) of ``split`` ("train" or "val")."""
