@@ -92,7 +92,7 @@ class PretrainingData:
             return model(input_ids)
         hidden = model.hidden_states(input_ids)  # (N, T, dim)
         head = self.start_head(hidden.device)
-        return head(hidden.to(head.weight.dtype) if not torch.is_autocast_enabled() else hidden)
+        return head(hidden.to(head.weight.dtype))  # float32 under bf16-true too; autocast still applies
 
     def start_head(self, device: torch.device) -> nn.Module:
         """A frozen copy of the start export's LM head (kept out of the task: no optimizer, no checkpoint)."""

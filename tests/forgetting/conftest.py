@@ -80,11 +80,13 @@ def reversed_text_loader(pretrained, batch_size: int = 16) -> DataLoader:
                       generator=torch.Generator().manual_seed(0))  # fmt: skip
 
 
-def fine_tune(pretrained, callbacks, tmp_path, *, steps: int = 60, lr: float = 3e-3, **trainer_kwargs):
+def fine_tune(pretrained, callbacks, tmp_path, *, steps: int = 60, lr: float = 3e-3, sgd: bool = False,
+              **trainer_kwargs):  # fmt: skip
     """Fine-tune a started model as CausalLM on the reversed text; returns the task and the logged metrics."""
     L.seed_everything(0)
-    task = CausalLM(start_model(pretrained), optimizer=lambda p: torch.optim.AdamW(p, lr=lr), warmup_steps=0,
-                    schedule="constant")  # fmt: skip
+    optimizer = torch.optim.SGD if sgd else torch.optim.AdamW
+    task = CausalLM(start_model(pretrained), optimizer=lambda p: optimizer(p, lr=lr, weight_decay=0.0),
+                    warmup_steps=0, schedule="constant")  # fmt: skip
     logger = L.pytorch.loggers.CSVLogger(tmp_path, name="logs")
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=logger, callbacks=callbacks, log_every_n_steps=1,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

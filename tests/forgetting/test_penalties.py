@@ -104,6 +104,22 @@ def test_penalties_train_and_forget_less(pretraining, pretrained, tmp_path, pena
     assert metrics["forgetting/pretrain_loss_increase"][0] < plain["forgetting/pretrain_loss_increase"][0]
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_the_penalty_enters_each_optimizer_step_once_under_accumulation(pretrained, tmp_path, precision):
+    """One SGD step over 2 accumulated micro-batches, anchors 1 below the start: the penalty moves every
+    parameter by exactly -lr * alpha * 1 more than the same step without it (not twice that)."""
+    model = start_model(pretrained)
+    l2sp = L2SP(alpha=0.5)
+    l2sp.load_state_dict({"anchors": {n: p.detach() - 1.0 for n, p in model.named_parameters()},
+                          "weights": {n: torch.tensor(0.5) for n, _ in model.named_parameters()}})  # fmt: skip
+    kwargs = dict(steps=1, lr=0.1, sgd=True, accumulate_grad_batches=2, precision=precision)
+    plain, _ = fine_tune(pretrained, [], tmp_path / "plain", **kwargs)
+    penalised, metrics = fine_tune(pretrained, [l2sp], tmp_path / "l2sp", **kwargs)
+    assert metrics["train/l2sp_penalty"][0] == pytest.approx(0.5 * 0.5 * sum(p.numel() for p in model.parameters()))
+    for (name, p), q in zip(penalised.model.named_parameters(), plain.model.parameters()):
+        assert torch.allclose(p - q, torch.full_like(p, -0.1 * 0.5), atol=1e-5), name
+
+
 def test_a_resumed_run_keeps_the_anchor_of_the_start(pretrained):
     model = start_model(pretrained)
     l2sp = L2SP(alpha=1.0)

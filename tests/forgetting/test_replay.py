@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -130,3 +131,36 @@ def test_a_subclass_calling_super_training_step_gets_the_term_once(pretraining, 
 def test_bad_replay_values_are_config_errors(pretraining, build, match):
     with pytest.raises(ConfigError, match=match):
         build(pretraining)
+
+
+def test_replay_trains_a_classifier_through_the_start_exports_lm_head(pretraining, pretrained, tmp_path):
+    """Classify windows by whether they hold a "q"; replayed rows are scored by the start export's LM head."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lightningllm.registry import get
+    from lightningllm.tasks import SequenceClassification
+
+    from .conftest import documents, read_metrics
+
+    ids = torch.tensor(pretrained.tokenizer.encode("".join(documents())))
+    forward = ids[: len(ids) // SEQ_LEN * SEQ_LEN].view(-1, SEQ_LEN)
+    q = pretrained.tokenizer.encode("q")[0]
+    rows = [{"input_ids": w, "attention_mask": torch.ones(SEQ_LEN, dtype=torch.bool), "labels": (w == q).any().long()}
+            for w in forward]  # fmt: skip
+    loader = DataLoader(rows, batch_size=16, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0))
+    L.seed_everything(0)
+    head = partial(get("head", "ClassificationHead"), n_classes=2)
+    task = SequenceClassification(start_model(pretrained, head=head), classes=["no q", "q"],
+                                  optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), warmup_steps=0)  # fmt: skip
+    logger = L.pytorch.loggers.CSVLogger(tmp_path, name="logs")
+    ledger = ForgettingLedger(pretraining, n_batches=2)
+    trainer = L.Trainer(max_steps=80, accelerator="cpu", logger=logger, log_every_n_steps=1, limit_val_batches=0,
+                        callbacks=[ledger, Replay(pretraining, share=0.25)], enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(task, train_dataloaders=loader)
+    metrics = read_metrics(logger.log_dir)
+    assert sum(metrics["train/loss"][-5:]) < 0.5 * sum(metrics["train/loss"][:5])
+    assert len(metrics["train/replay_loss"]) == 80
+    assert ledger.start == pytest.approx(metrics["forgetting/pretrain_loss_start"][0])
+    assert not any(n.startswith("_start_head") for n in task.state_dict())  # the frozen head is not the task's
