@@ -69,7 +69,7 @@ def test_l2sp_pulls_the_start_weights_back_and_decays_a_new_head(pretrained):
     model = start_model(pretrained, head=head)
     l2sp = L2SP(alpha=0.3, beta=0.02)
     l2sp.on_fit_start(None, Task(model))
-    head_norm = sum(float((p**2).sum()) for p in model.head.parameters())
+    head_norm = sum(float((p.detach() ** 2).sum()) for p in model.head.parameters())
     assert float(l2sp.penalty().detach()) == pytest.approx(0.5 * 0.02 * head_norm)
     with torch.no_grad():
         model.get_parameter("embed.weight")[3, :4] += torch.tensor([0.1, -0.2, 0.3, 0.0])
