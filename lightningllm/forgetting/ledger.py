@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import lightning as L
@@ -11,8 +10,6 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightningllm.checks import check_int
 from lightningllm.forgetting.data import PretrainingData
-
-log = logging.getLogger(__name__)
 
 
 class ForgettingLedger(L.Callback):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
@@ -14,8 +13,6 @@ from lightningllm.checks import check_int, check_number
 from lightningllm.errors import ConfigError
 from lightningllm.forgetting.data import PretrainingData
 from lightningllm.forgetting.terms import attach
-
-log = logging.getLogger(__name__)
 
 
 class ReplayMix(L.Callback):
