@@ -43,7 +43,7 @@ FORGETTING = {
     "l2sp": [CONFIGS / "l2sp.yaml"],
     "lora": [CONFIGS / "methods" / "lora.yaml"],
 }
-LEDGER_START, LEDGER_END = "pretrain/loss_start", "pretrain/loss_end"
+LEDGER_START, LEDGER_END = "forgetting/pretrain_loss_start", "forgetting/pretrain_loss_end"
 TRAINABLE = re.compile(r"trainable ([\d,]+) of ([\d,]+) parameters \(([\d.]+)%\)")
 
 
@@ -70,17 +70,16 @@ def run(task: str, method: str, fragments: list[Path], out: Path, max_steps: int
         f"--trainer.default_root_dir={root}",
         f"--trainer.logger.init_args.save_dir={root}",
         "--trainer.logger.init_args.name=logs",
-        "--trainer.callbacks=[]",  # no checkpoint, export or prediction file over the user's runs/
         "--trainer.enable_progress_bar=false",
         "--overwrite=true",
     ]
     if max_steps is not None:
         command += [f"--trainer.max_steps={max_steps}", f"--trainer.val_check_interval={max_steps}"]
     log_path = root.with_suffix(".log")
-    root.parent.mkdir(parents=True, exist_ok=True)
+    _sandbox(root)
     started = time.perf_counter()
     with open(log_path, "w") as log:
-        child = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - started
     text = log_path.read_text(errors="replace")
@@ -99,6 +98,17 @@ def run(task: str, method: str, fragments: list[Path], out: Path, max_steps: int
         pretrain_rise=rise,
         status="ok" if os.waitstatus_to_exitcode(status) == 0 else f"failed (see {log_path})",
     )
+
+
+def _sandbox(root: Path) -> None:
+    """A working folder for one run: the configs' relative outputs (``runs/...``) land in it, never over the
+    user's runs, while the start export and the corpus cache are the user's (linked)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "runs").mkdir(exist_ok=True)
+    for link, target in ((root / "runs" / "shakespeare-char", ROOT / "runs" / "shakespeare-char"),
+                         (root / ".cache", ROOT / ".cache")):  # fmt: skip
+        if not link.exists():
+            link.symlink_to(target, target_is_directory=True)
 
 
 def _last_metrics(root: Path) -> dict[str, float]:
