@@ -566,6 +566,7 @@ SUMMARIES = {
     "plugins": "List the registered plugins (attention, ffn, norm, position, block, tokenizer, adapter).",
     "generate": "Sample text from an export folder.",
     "convert": "Convert a Hugging Face checkpoint folder to a lightningllm export folder, or back.",
+    "quantize": "Quantise an export's linear weights to int8 or int4 (torchao, weight-only) for inference.",
     "estimate": ESTIMATE_SUMMARY,
     "evaluate": EVALUATE_SUMMARY,
 }
@@ -577,6 +578,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "generate": generate_command,
     "chat": chat_command,
     "convert": convert_command,
+    "quantize": lambda args: importlib.import_module("lightningllm.quantize_command").quantize_command(args),
     "estimate": estimate_command,
     "evaluate": evaluate_command,
 }
