@@ -175,6 +175,12 @@ CASES: list[Case] = [
     case("generate-empty-weights", "generate", "{export_empty_weights}", "--prompt", "hi", expect="safetensors"),
     case("generate-bad-config", "generate", "{export_bad_config}", "--prompt", "hi", expect="config.yaml"),
     case("generate-unknown-flag", "generate", "{export}", "--prompt", "hi", "--no_such_flag=1", expect="no_such"),
+    # --- quantize ----------------------------------------------------------------------------------
+    case("quantize-bits-3", "quantize", "{export}", "{tmp}/q3", "--bits", "3", expect="bits=3"),
+    case("quantize-missing-export", "quantize", "{tmp}/no_export", "{tmp}/q", expect="no_export"),
+    case("quantize-out-holds-user-files", "quantize", "{export}", "{user_files}", expect="notes.txt"),
+    case("quantize-out-is-export", "quantize", "{export}", "{export}", expect="OUT"),
+    case("quantize-group-not-dividing", "quantize", "{export}", "{tmp}/q", "--group_size", "24", expect="group_size"),
 ]
 
 
@@ -209,6 +215,8 @@ def workspace(root: Path) -> dict[str, str]:
     (root / "binary").mkdir(exist_ok=True)
     (root / "binary" / "blob.txt").write_bytes(bytes(range(256)) * 64)
     paths["binary_corpus"] = root / "binary"
+    (root / "user_files").mkdir(exist_ok=True)
+    paths["user_files"] = _write(root / "user_files" / "notes.txt", "mine").parent
     paths.update(_hf_folders(root))
     paths.update(_exports(root))
     return {name: str(path) for name, path in paths.items()}
