@@ -10,8 +10,8 @@ in floating point; torchao dequantises (or runs an int8 kernel) inside ``F.linea
 The state dict holds plain tensors that safetensors writes and loading reads without pickle: ``weight_qdata``
 (int8, or for 4 bits uint8 holding two values per byte, so the file really is smaller), ``weight_scale`` and
 ``weight_zero_point``; loading puts them back into the torchao tensor. The transform is recorded in the model's
-config, so ``export`` -> ``load`` rebuilds the quantised model and ``generate``, ``evaluate`` and ``serve`` use it
-unchanged.
+config, so ``export`` -> ``load`` rebuilds the quantised model and every command that loads an export (``generate``,
+``evaluate``) uses it unchanged.
 """
 
 from __future__ import annotations
