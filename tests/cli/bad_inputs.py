@@ -202,6 +202,12 @@ CASES: list[Case] = [
     case("serve-concurrency-zero", "serve", "{export}", "--max_concurrency=0", expect="max_concurrency"),
     case("serve-unknown-template", "serve", "{export}", "--template=no_such_template", expect="no_such_template"),
     case("serve-prompt-above-context", "serve", "{export}", "--max_prompt_tokens=100000", expect="max_seq_len"),
+    # --- quantize ----------------------------------------------------------------------------------
+    case("quantize-bits-3", "quantize", "{export}", "{tmp}/q3", "--bits", "3", expect="bits=3"),
+    case("quantize-missing-export", "quantize", "{tmp}/no_export", "{tmp}/q", expect="no_export"),
+    case("quantize-out-holds-user-files", "quantize", "{export}", "{user_files}", expect="notes.txt"),
+    case("quantize-out-is-export", "quantize", "{export}", "{export}", expect="OUT"),
+    case("quantize-group-not-dividing", "quantize", "{export}", "{tmp}/q", "--group_size", "24", expect="group_size"),
 ]
 
 
@@ -237,6 +243,8 @@ def workspace(root: Path) -> dict[str, str]:
     (root / "binary").mkdir(exist_ok=True)
     (root / "binary" / "blob.txt").write_bytes(bytes(range(256)) * 64)
     paths["binary_corpus"] = root / "binary"
+    (root / "user_files").mkdir(exist_ok=True)
+    paths["user_files"] = _write(root / "user_files" / "notes.txt", "mine").parent
     paths.update(_hf_folders(root))
     paths.update(_exports(root))
     return {name: str(path) for name, path in paths.items()}

@@ -1,0 +1,1 @@
+"""Built-in transform plugins (Freeze is core: lightningllm/transforms.py)."""
