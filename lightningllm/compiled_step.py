@@ -87,9 +87,10 @@ class CompiledStep:
 def check_static(model: nn.Module) -> None:
     """Refuse, with the reason, a model whose cache or attention cannot decode over fixed shapes."""
     blocks = getattr(model, "blocks", None)
+    # read from each class itself, not inherited: a subclass that attends otherwise (sliding window) must opt in
     fits = (
         blocks is not None
-        and all(getattr(blk.attention, "static_cache", False) for blk in blocks)
+        and all(vars(type(blk.attention)).get("static_cache", False) for blk in blocks)
         and not hasattr(model.embed, "soft_tokens")  # prompt tuning's virtual tokens shift the positions
     )
     if not fits:

@@ -46,7 +46,9 @@ class MultiHeadAttention(Attention):
         head_dim: width of each query/key/value head (None: ``dim // n_heads``); a positive integer.
     """
 
-    static_cache = True  # reads its keys' positions from the mask: compiled decoding may use a static KVCache
+    #: reads its keys' positions from the mask, so compiled decoding may give it a static KVCache (a class says
+    #: so itself: subclasses do not inherit it, see lightningllm.compiled_step.check_static)
+    static_cache = True
 
     def __init__(
         self,
