@@ -51,7 +51,7 @@ class CompiledStep:
     """
 
     def __init__(self, model: nn.Module, batch_size: int, max_len: int) -> None:
-        self.model = model
+        self.model = weakref.ref(model)  # _STEPS holds this step as long as the model lives, not longer
         self.cache = model.make_cache(batch_size, max_len)
         self.slot = torch.zeros(1, dtype=torch.long, device=self.cache[0].k.device)  # where the new token goes
         cuda = self.slot.device.type == "cuda"
@@ -60,7 +60,7 @@ class CompiledStep:
                 torch._dynamo.mark_static_address(layer.k)
                 torch._dynamo.mark_static_address(layer.v)
         mode = "reduce-overhead" if cuda and BACKEND == "inductor" else None
-        self._step = torch.compile(self._forward, backend=BACKEND, mode=mode, dynamic=False, fullgraph=True)
+        self._step = torch.compile(_forward, backend=BACKEND, mode=mode, dynamic=False, fullgraph=True)
 
     def start(self) -> None:
         """Keep the slots the prompt filled and write each new token at :attr:`slot` from now on."""
@@ -77,11 +77,13 @@ class CompiledStep:
             key_positions: (B, S) the position of every slot's key; negative at left padding (hidden).
         """
         self.slot.fill_(slot)
-        return self._step(ids, positions, key_positions)
+        return self._step(self.model(), self.cache, ids, positions, key_positions)
 
-    def _forward(self, ids: Tensor, positions: Tensor, key_positions: Tensor) -> Tensor:
-        mask = AttentionMask(causal=True, padding=key_positions >= 0, key_positions=key_positions)
-        return self.model(ids, cache=self.cache, mask=mask, positions=positions)[:, -1]
+
+def _forward(model: nn.Module, cache: list, ids: Tensor, positions: Tensor, key_positions: Tensor) -> Tensor:
+    """What is compiled: the model's forward over its static cache -> logits of the one new token per row, (B, V)."""
+    mask = AttentionMask(causal=True, padding=key_positions >= 0, key_positions=key_positions)
+    return model(ids, cache=cache, mask=mask, positions=positions)[:, -1]
 
 
 def check_static(model: nn.Module) -> None:

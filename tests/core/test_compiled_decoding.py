@@ -77,3 +77,15 @@ def test_inductor_compiled_decoding_gives_the_eager_tokens(decoder_factory):
     model = llama(decoder_factory)
     eager = generate(model, uneven_prompts(), 20, temperature=0)
     assert torch.equal(generate(model, uneven_prompts(), 20, temperature=0, compile=True), eager)
+
+
+def test_a_compiled_step_does_not_outlive_its_model(decoder_factory, eager_backend):
+    import gc
+    import weakref
+
+    model = llama(decoder_factory)
+    generate(model, uneven_prompts(), 3, temperature=0, compile=True)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None and not lightningllm.compiled_step._STEPS
