@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -183,6 +184,7 @@ def main() -> None:
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave out compiled decoding")
     parser.add_argument("--quick", action="store_true", help="3 rounds of 24 new tokens")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # each batch size's table shows as soon as it is measured
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.quick:
         args.rounds, args.new_tokens = 3, 24
