@@ -9,9 +9,12 @@ from torch import Tensor, nn
 class KVCache(nn.Module):
     """Preallocated keys and values of one attention layer.
 
-    Static shapes (``max_len`` slots, filled left to right) keep decoding friendly to
-    ``torch.compile``. Plugins that cache something else (a latent, a running state)
-    subclass it or bring their own object; the decoding loop only calls :meth:`reset`.
+    Filled left to right, it returns the slots written so far. :meth:`make_static` switches it to
+    the fixed shapes ``torch.compile`` and CUDA graphs need: each update writes at the slots the
+    decoding loop put in :attr:`slots` and returns all ``max_len`` slots (the loop's mask hides the
+    unwritten ones), so one compiled step serves every token. Plugins that cache something else
+    (a latent, a running state) subclass it or bring their own object; the decoding loop only calls
+    :meth:`reset`.
 
     Args:
         batch_size: B.
@@ -35,6 +38,7 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.length = 0
+        self.slots: Tensor | None = None  # static mode: (T,) long, where the next update writes
 
     @property
     def max_len(self) -> int:
@@ -47,8 +51,12 @@ class KVCache(nn.Module):
             k, v: (B, n_kv_heads, T, head_dim) for the T new positions.
 
         Returns:
-            keys, values: (B, n_kv_heads, length + T, head_dim).
+            keys, values: (B, n_kv_heads, length + T, head_dim); in static mode all max_len slots.
         """
+        if self.slots is not None:
+            self.k.index_copy_(2, self.slots, k)
+            self.v.index_copy_(2, self.slots, v)
+            return self.k, self.v
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; cannot append up to position {end}.")
@@ -58,4 +66,12 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def reset(self) -> None:
-        self.length = 0
+        """Empty, in the append mode."""
+        self.length, self.slots = 0, None
+
+    def make_static(self, slots: Tensor) -> None:
+        """Keep the slots written so far and write at ``slots`` (T,) long from now on (updated in place by the loop).
+
+        :attr:`length` becomes ``max_len``: every slot is in play and the mask tells which are visible.
+        """
+        self.length, self.slots = self.max_len, slots

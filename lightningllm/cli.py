@@ -371,6 +371,7 @@ def generate_command(args: Sequence[str]) -> None:
     """
     from lightningllm.generation import StopStrings, check_sampling, generate
     from lightningllm.io import load
+    from lightningllm.streaming import TextStream
 
     cfg = _generate_parser().parse_args(list(args))
     _check_generate_options(cfg)
@@ -390,14 +391,26 @@ def generate_command(args: Sequence[str]) -> None:
         ids, echo = _template_prompt(tokenizer, cfg.template, _unescape(cfg.prompt), ids.shape[0], device), ""
     stop = StopStrings([_unescape(s) for s in cfg.stop], decode) if cfg.stop else None
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    # one sample is printed as its tokens come; several are printed at the end, one per line
+    stream = TextStream(decode, _write_now, stop, skip=[tokenizer.eos_id]) if ids.shape[0] == 1 else None
+    if stream is not None:
+        _write_now(echo)
     out = generate(
         model, ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
         eos_id=tokenizer.eos_id, stop=stop, vocab_limit=vocab_limit, generator=generator, prefix_lm=cfg.prefix_lm,
-        return_logprobs=True,
+        return_logprobs=True, compile=cfg.compile, stream=stream,
     )  # fmt: skip
+    if stream is not None:
+        stream.close()
+        return
     for row in out.completions():
         text = decode([t for t in row if t != tokenizer.eos_id])
         sys.stdout.write(echo + (stop.cut(text) if stop else text) + "\n")
+
+
+def _write_now(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def _refuse_encoder(model: torch.nn.Module, export_dir: str) -> None:
@@ -463,6 +476,11 @@ def _generate_parser() -> ArgumentParser:
         help="Where to run: cpu, cuda, cuda:N or mps (default: cuda when available).",
     )  # fmt: skip
     parser.add_argument("--trust_code", type=bool, default=False, help=TRUST_CODE_HELP)
+    parser.add_argument(
+        "--compile", type=bool, default=False,
+        help="Decode each token with the model's compiled one-token step over a static cache (CUDA graphs on a GPU): "
+        "faster tokens after a slow first call. Decoders with multi-head attention only.",
+    )  # fmt: skip
     parser.add_argument(
         "--template", type=str | None, default=None,
         help="Render --prompt as a user turn with this prompt template (alpaca, chat or a .jinja file; \\n is a "

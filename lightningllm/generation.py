@@ -17,8 +17,10 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from lightningllm.compiled_step import compiled_step
 from lightningllm.errors import ConfigError
 from lightningllm.mask import AttentionMask
+from lightningllm.models.base import query_padding
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +167,8 @@ def generate(
     generator: torch.Generator | None = None,
     prefix_lm: bool = False,
     return_logprobs: bool = False,
+    compile: bool = False,
+    stream: Callable[[Tensor, Tensor], None] | None = None,
 ) -> Tensor | Generation:
     """Continue each prompt, reusing keys and values through the model's KV cache.
 
@@ -202,6 +206,11 @@ def generate(
             once the prompt has left the window): generated tokens stay causal.
         return_logprobs: return a :class:`Generation` (tokens, log-probabilities, masks) instead of
             the tokens alone.
+        compile: decode each new token with the model's compiled one-token step over a static cache
+            (:mod:`lightningllm.compiled_step`; CUDA graphs on a GPU): same tokens, faster steps once
+            compiled (the first call per model, batch size and cache length compiles).
+        stream: called after every step with the chosen tokens (B,) and (B,) bool, True for the rows
+            that were still live (the CLI prints tokens as they come).
 
     Returns:
         tokens (B, P + n), n <= max_new_tokens, P the longest prompt (left padding before shorter
@@ -216,9 +225,10 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        rows = _Rows(model, prompts, prompt_real, max_new_tokens, window, prefix_lm)
+        rows = _Rows(model, prompts, prompt_real, max_new_tokens, window, prefix_lm, compile)
         choose = partial(sample_next, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        logprobs, mask = _decode(rows, criteria, eos_id if eos_id is not None else fill, eos_id, vocab_limit, choose)
+        finished_fill = eos_id if eos_id is not None else fill
+        logprobs, mask = _decode(rows, criteria, finished_fill, eos_id, vocab_limit, choose, stream)
     finally:
         model.train(was_training)
     tokens = rows.tokens[:, : rows.width].contiguous()
@@ -232,32 +242,36 @@ def _decode(
     eos_id: int | None,
     vocab_limit: int | None,
     choose: Callable[[Tensor], Tensor],
+    stream: Callable[[Tensor, Tensor], None] | None,
 ) -> tuple[Tensor, Tensor]:
     """The decoding loop, appending to ``rows`` -> log-probabilities (B, n) and live mask (B, n)."""
     B, P, device = rows.tokens.shape[0], rows.prompt_len, rows.tokens.device
-    logprobs, masks = [], []
+    n_max = rows.tokens.shape[1] - P
+    logprobs = torch.zeros(B, n_max, device=device)  # written in place: no per-step list and concatenation
+    live = torch.zeros(B, n_max, dtype=torch.bool, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    for step in range(rows.tokens.shape[1] - P):
-        logits = rows.encode() if step == 0 else rows.next_logits()  # (B, V)
-        allowed = logits if vocab_limit is None else logits.index_fill(-1, _tail(logits, vocab_limit), float("-inf"))
+    banned = None  # (V - vocab_limit,) the ids past vocab_limit, made once
+    n = 0
+    while n < n_max:
+        logits = rows.encode() if n == 0 else rows.next_logits()  # (B, V)
+        if vocab_limit is not None and banned is None:
+            V = logits.shape[-1]
+            banned = torch.arange(min(vocab_limit, V), V, device=device)
+        allowed = logits if banned is None else logits.index_fill(-1, banned, float("-inf"))
         token = choose(allowed).masked_fill(done, finished_fill)  # (B,)
-        logprobs.append(logits.float().log_softmax(-1).gather(-1, token[:, None]).masked_fill(done[:, None], 0.0))
-        masks.append(~done[:, None])
+        logprobs[:, n] = logits.float().log_softmax(-1).gather(-1, token[:, None])[:, 0].masked_fill(done, 0.0)
+        live[:, n] = ~done
         rows.append(token)
+        n += 1
+        if stream is not None:
+            stream(token, live[:, n - 1])
         finished = token == eos_id if eos_id is not None else torch.zeros_like(done)
         for criterion in criteria:
             finished |= criterion(rows.tokens[:, P : rows.width]).to(device=device, dtype=torch.bool)
         done |= finished
         if bool(done.all()):
             break
-    if not masks:
-        return torch.zeros(B, 0, device=device), torch.zeros(B, 0, dtype=torch.bool, device=device)
-    return torch.cat(logprobs, dim=1), torch.cat(masks, dim=1)
-
-
-def _tail(logits: Tensor, start: int) -> Tensor:
-    """The ids from ``start`` to the end of the vocabulary, (V - start,) long."""
-    return torch.arange(min(start, logits.shape[-1]), logits.shape[-1], device=logits.device)
+    return logprobs[:, :n], live[:, :n]
 
 
 class _Rows:
@@ -273,11 +287,13 @@ class _Rows:
         prompt_real: (B, P) bool, True at real tokens.
         window: the most positions the model sees at once (and the cache holds).
         prefix_lm: the prompt tokens in view are a bidirectional prefix.
+        compile: feed each new token through the model's compiled step over a static cache.
     """
 
     def __init__(
-        self, model: nn.Module, prompts: Tensor, prompt_real: Tensor, max_new_tokens: int, window: int, prefix_lm: bool
-    ) -> None:
+        self, model: nn.Module, prompts: Tensor, prompt_real: Tensor, max_new_tokens: int, window: int, prefix_lm: bool,
+        compile: bool = False,
+    ) -> None:  # fmt: skip
         self.model, self.window, self.prefix_lm = model, window, prefix_lm
         B, self.prompt_len = prompts.shape
         self.tokens = torch.cat([prompts, prompts.new_zeros(B, max_new_tokens)], dim=1)  # (B, P + max_new_tokens)
@@ -292,7 +308,9 @@ class _Rows:
                 "%d prompt(s) are longer than the %d positions the model sees at once; each keeps its last %d "
                 "tokens.", cropped, window, window,
             )  # fmt: skip
-        self.cache = model.make_cache(prompts.shape[0], window)
+        self.step = compiled_step(model, B, window) if compile else None
+        self.cache = self.step.cache if self.step else model.make_cache(B, window)
+        self.key_positions = None  # (B, S) with a compiled step: the position of each slot's key, < 0 at padding
         self.cache_start = 0  # buffer column of the first cache slot
         self.uniform = True  # every row's window starts at cache_start: no padding in view, default positions
 
@@ -306,7 +324,12 @@ class _Rows:
         n_prompt = (self.prompt_len - self.first).clamp(min=0) if self.prefix_lm else None  # (B,)
         if n_prompt is not None and bool((n_prompt <= 1).all()):
             n_prompt = None  # a prefix of one token or none is plain causal attention: keep its fast path
-        return self._forward(self.tokens[:, self.cache_start : W], W, n_prompt)
+        logits = self._forward(self.tokens[:, self.cache_start : W], W, n_prompt)
+        if self.step is not None:
+            self.step.start()
+            slots = torch.arange(self.cache[0].max_len, device=self.first.device)
+            self.key_positions = slots[None] + self.cache_start - self.first[:, None]  # (B, S)
+        return logits
 
     def append(self, token: Tensor) -> None:
         """Write ``token`` (B,) as every row's next token."""
@@ -316,6 +339,10 @@ class _Rows:
     def next_logits(self) -> Tensor:
         """Feed the last appended token -> logits (B, V); slide full windows first."""
         W = self.width
+        if W - 1 - self.cache_start < self.window and self.step is not None:
+            positions = (W - 1 - self.first)[:, None]  # (B, 1)
+            ids = self.tokens[:, W - 1 : W].contiguous()  # a fixed stride: the compiled step guards on it
+            return self.step(ids, W - 1 - self.cache_start, positions, self.key_positions)
         if W - 1 - self.cache_start < self.window:
             return self._forward(self.tokens[:, W - 1 : W], W, None)
         # the cache is full: the rows whose window overflows keep their newest half, every row is encoded again
@@ -326,16 +353,25 @@ class _Rows:
     def _forward(self, ids: Tensor, end: int, n_prompt: Tensor | None) -> Tensor:
         """ids (B, T), the buffer's columns ``end - T .. end - 1`` -> logits of the last one, (B, V)."""
         if self.uniform and n_prompt is None:
-            return self.model(ids, cache=self.cache)[:, -1]
+            return _last_logits(self.model, ids, cache=self.cache)
         if self.uniform:
-            return self.model(ids, cache=self.cache, mask=AttentionMask(causal=True, prefix_lengths=n_prompt))[:, -1]
+            mask = AttentionMask(causal=True, prefix_lengths=n_prompt)
+            return _last_logits(self.model, ids, cache=self.cache, mask=mask)
         keys = torch.arange(self.cache_start, end, device=ids.device)  # (S,) cached and new
         columns = keys[-ids.shape[1] :]  # (T,)
         padding = keys[None] >= self.first[:, None]  # (B, S)
         positions = (columns[None] - self.first[:, None]).clamp(min=0)  # (B, T); padding sits at 0, masked
         ids = ids.masked_fill(columns[None] < self.first[:, None], 0) if ids.shape[1] > 1 else ids
         mask = AttentionMask(causal=True, padding=padding, prefix_lengths=n_prompt)
-        return self.model(ids, cache=self.cache, mask=mask, positions=positions)[:, -1]
+        return _last_logits(self.model, ids, cache=self.cache, mask=mask, positions=positions)
+
+
+def _last_logits(model: nn.Module, ids: Tensor, **kwargs) -> Tensor:
+    """ids (B, T) -> the logits of the last position, (B, V); the head skips the other T - 1 (a prompt's)."""
+    if not (hasattr(model, "hidden_states") and hasattr(model, "head")):
+        return model(ids, **kwargs)[:, -1]
+    hidden = model.hidden_states(ids, **kwargs)[:, -1:]  # (B, 1, dim)
+    return model.head(hidden, padding=query_padding(kwargs.get("mask"), 1))[:, -1]
 
 
 def _left_padded(

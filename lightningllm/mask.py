@@ -23,6 +23,9 @@ class AttentionMask:
             among themselves (prefix-LM); only meaningful with ``causal``.
         window: sliding window: a query sees at most the ``window`` most recent keys.
         document_ids: (B, S) int, packed documents: queries see keys of their own document only.
+        key_positions: (B or 1, S) int, the absolute positions of the keys (cached ones included) when they
+            are not the consecutive positions just before the queries: a static cache returns all its slots,
+            the unwritten ones after the queries (hidden by ``causal``), left padding before them (``padding``).
     """
 
     causal: bool = True
@@ -30,6 +33,7 @@ class AttentionMask:
     prefix_lengths: Tensor | None = None
     window: int | None = None
     document_ids: Tensor | None = None
+    key_positions: Tensor | None = None
 
     def is_plain_causal(self) -> bool:
         """True when SDPA's ``is_causal`` fast path expresses this mask exactly (no cache offset)."""
@@ -39,6 +43,7 @@ class AttentionMask:
             and self.prefix_lengths is None
             and self.window is None
             and self.document_ids is None
+            and self.key_positions is None
         )
 
     def is_empty(self) -> bool:

@@ -138,3 +138,30 @@ def test_unknown_characters_and_long_prompts_warn_once(decoder_export, caplog, c
 def test_every_generate_option_has_help():
     actions = [a for a in _generate_parser()._actions if a.dest not in ("help", "config")]
     assert actions and all(a.help and a.help.strip() for a in actions), [a.dest for a in actions if not a.help]
+
+
+def test_one_sample_is_printed_as_its_tokens_come(tmp_path, decoder_factory, monkeypatch):
+    tokenizer = char_tokenizer()
+    torch.manual_seed(0)
+    model = decoder_factory(vocab_size=tokenizer.vocab_size, init_std=0.5).eval()
+    export(model, tmp_path / "export", tokenizer=tokenizer)
+    pieces = []
+    monkeypatch.setattr("lightningllm.cli._write_now", pieces.append)
+    main(["generate", str(tmp_path / "export"), "--prompt", "to be", "--max_new_tokens", "12", "--temperature", "0"])
+    prompt = torch.tensor([[tokenizer.bos_id] + tokenizer.encode("to be")])
+    ids = generate(model, prompt, 12, temperature=0, eos_id=tokenizer.eos_id, vocab_limit=tokenizer.vocab_size)
+    text = tokenizer.decode([t for t in ids[0, prompt.shape[1] :].tolist() if t != tokenizer.eos_id])
+    assert pieces[0] == "to be" and "".join(pieces) == "to be" + text + "\n"
+    assert len(pieces) > 3  # the echo, then piece by piece, not all at the end
+
+
+def test_compile_on_an_encoder_decoder_is_refused(tmp_path, capsys):
+    from lightningllm.models import EncoderDecoder
+
+    tokenizer = char_tokenizer()
+    plugins = {kind: get(kind, name) for kind, name in [("attention", "MultiHeadAttention"), ("ffn", "MLP"),
+               ("norm", "RMSNorm"), ("position", "RoPE"), ("block", "PreNorm")]}  # fmt: skip
+    export(EncoderDecoder(vocab_size=tokenizer.vocab_size, dim=32, n_layers=1, n_heads=4, **plugins), tmp_path / "t5",
+           tokenizer=tokenizer)  # fmt: skip
+    err = fail(["generate", str(tmp_path / "t5"), "--prompt", "to", "--compile", "true"], capsys)
+    assert "Decode it without compile" in err

@@ -46,6 +46,10 @@ class MultiHeadAttention(Attention):
         head_dim: width of each query/key/value head (None: ``dim // n_heads``); a positive integer.
     """
 
+    #: reads its keys' positions from the mask, so compiled decoding may give it a static KVCache (a class says
+    #: so itself: subclasses do not inherit it, see lightningllm.compiled_step.check_static)
+    static_cache = True
+
     def __init__(
         self,
         dim: int,
@@ -199,11 +203,16 @@ def self_attention_sdpa_mask(
     """The cheapest SDPA arguments (attn_mask, is_causal, has_key) for T queries over S keys of their own sequence.
 
     The S - T keys before the queries come from a cache, at the consecutive positions before
-    ``positions``. attn_mask is None (SDPA's ``is_causal`` fast path, or every key visible), (B or 1, 1,
-    T, S) bool, or (B or 1, H, T, S) additive float when the position plugin adds a score bias;
-    has_key, (B or 1, 1, T, 1) bool, marks queries that see at least one key (None: all do).
+    ``positions`` (or at ``mask.key_positions``, for a static cache). attn_mask is None (SDPA's
+    ``is_causal`` fast path, or every key visible), (B or 1, 1, T, S) bool, or (B or 1, H, T, S) additive
+    float when the position plugin adds a score bias; has_key, (B or 1, 1, T, 1) bool, marks queries that
+    see at least one key (None: all do).
     """
-    if T == S:  # no past keys: the keys are the queries' own tokens (packed positions included)
+    if mask.is_plain_causal() and not position.adds_bias and T in (1, S):  # the keys' positions are not needed
+        return None, T == S, None  # causal over the queries' own keys, or one new token that sees every cached key
+    if mask.key_positions is not None:  # a static cache: every slot, at the positions the decoding loop gives
+        k_positions = mask.key_positions
+    elif T == S:  # no past keys: the keys are the queries' own tokens (packed positions included)
         k_positions = positions
     else:  # S - T cached keys precede the new ones at consecutive positions
         k_positions = torch.arange(S, device=positions.device) + (positions[:, :1] - (S - T))  # (B, S)

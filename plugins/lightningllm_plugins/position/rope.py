@@ -109,6 +109,7 @@ class RoPE(Position):
         self.mscale = 1.0
         if scaling == "yarn":
             self.mscale = attention_factor if attention_factor is not None else _yarn_mscale(factor)
+        self._memo: tuple | None = None  # (positions, its _version, (cos, sin)) of the last cos_sin call
 
     def inv_freq(self, device: torch.device | None = None) -> Tensor:
         """float32 angular frequencies ``base ** (-2i / head_dim)`` (rescaled by llama3 and yarn), (head_dim / 2,).
@@ -156,7 +157,20 @@ class RoPE(Position):
         return 1.0 / (self.factor * wavelength_scale) * (1 - kept) + 1.0 / wavelength_scale * kept
 
     def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """positions: (B or 1, T) -> float32 cos, sin of shape (B or 1, 1, T, head_dim)."""
+        """positions: (B or 1, T) -> float32 cos, sin of shape (B or 1, 1, T, head_dim).
+
+        Every layer of a forward rotates at the same ``positions`` tensor: the tables of the last one are kept
+        and reused while it is unchanged (its ``_version``), outside ``torch.compile`` (which shares them itself).
+        """
+        if torch.compiler.is_compiling():
+            return self._cos_sin(positions)
+        version = None if positions.is_inference() else positions._version  # inference tensors keep no version
+        memo = self._memo
+        if memo is None or memo[0] is not positions or memo[1] != version:
+            memo = self._memo = (positions, version, self._cos_sin(positions))
+        return memo[2]
+
+    def _cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         inv_freq = self.inv_freq(positions.device)
         angles = (positions.float() * self.position_scale)[..., None] * inv_freq  # (B, T, hd/2)
         angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, hd)

@@ -339,3 +339,17 @@ def test_it_trains_previous_token_copy(train_previous_token_copy):
 def test_it_trains_with_scaling(train_previous_token_copy, knobs):
     losses = train_previous_token_copy(lambda: rope(8, **knobs), vocab=12, T=12, steps=60)
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_the_tables_of_one_positions_tensor_are_made_once_and_remade_when_it_changes():
+    rope = RoPE(dim=32, n_heads=4, head_dim=8, max_seq_len=16)
+    positions = torch.arange(5)[None]
+    first = rope.cos_sin(positions)
+    assert rope.cos_sin(positions) is first  # the next layer of the same forward
+    positions += 3  # changed in place: new tables
+    torch.testing.assert_close(
+        rope.cos_sin(positions), RoPE(dim=32, n_heads=4, head_dim=8, max_seq_len=16).cos_sin(torch.arange(3, 8)[None])
+    )
+    with torch.inference_mode():
+        inference = torch.arange(5)[None]
+        assert rope.cos_sin(inference) is rope.cos_sin(inference)
