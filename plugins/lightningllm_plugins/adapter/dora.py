@@ -141,6 +141,12 @@ class DoRA(LoRA):
 
     def _check_fits(self, name: str, layer: nn.Module) -> None:
         super()._check_fits(name, layer)
+        if self.init == "pissa":
+            raise ConfigError(
+                "DoRA init='pissa' is not supported: PiSSA leaves a residual in the base weight, and DoRA's magnitude "
+                "is the norm of that base weight, so the two starts disagree. Use LoRA with init='pissa', or DoRA "
+                "with init='kaiming' or 'gaussian'."
+            )
         if isinstance(layer, LoRALinear) and not isinstance(layer, DoRALinear):
             raise ConfigError(
                 f"{name} already holds LoRA adapters ({', '.join(layer.adapter_names())}) in a plain LoRA layer, "

@@ -4,7 +4,9 @@ Each targeted ``nn.Linear`` is wrapped by a :class:`LoRALinear` that keeps it as
 its adapters by name in ``ModuleDict`` s (``lora_A[name]``, ``lora_B[name]``), as Hugging Face PEFT does,
 so several adapters live on one model, switch, merge and save under the same parameter names as PEFT's.
 rsLoRA (Kalajdzievski, 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA") scales by
-``alpha / sqrt(r)`` instead.
+``alpha / sqrt(r)`` instead. PiSSA (Meng et al., 2024, "PiSSA: Principal Singular Values and Singular Vectors
+Adaptation of Large Language Models") starts ``A`` and ``B`` from the top-r singular triplets of the base weight
+and leaves the residual in the base, so the adapter trains the principal part of the weight.
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ from lightningllm.registry import register
 
 log = logging.getLogger(__name__)
 
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "pissa")
 #: the projections every plugin names alike, and the LM head
 KNOWN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "head")
 
 
 class LoRADown(nn.Linear):
-    """``A`` (rank, in_features): Kaiming-uniform (PEFT's and the LoRA reference code's default) or Normal(0, 1/r)."""
+    """``A`` (rank, in_features): Kaiming-uniform (PEFT's and the LoRA reference code's default) or Normal(0, 1/r).
+
+    A PiSSA adapter gets its A from the base weight when it is added; materialised from the meta device without
+    a weight to decompose, it starts as Kaiming-uniform (B zero: no change)."""
 
     def __init__(self, in_features: int, rank: int, init: str, **tensor_kwargs) -> None:
         self.init = init
@@ -87,6 +92,34 @@ class LoRALinear(AdapterModule):
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = scaling
         self.active.append(name)
+        if init == "pissa":
+            self.pissa_init(name)
+
+    def pissa_init(self, name: str) -> None:
+        """PiSSA: with ``W = U S V^T`` (out, in), ``B = U_r sqrt(S_r / s)``, ``A = sqrt(S_r / s) V_r^T`` and the base
+        weight becomes the residual ``W - s B A``, so the layer computes what it did (up to rounding).
+
+        The product ``B A`` does not depend on the signs the SVD picks, so the residual is the same on every
+        machine: an adapter-only folder rebuilds it from the base it was trained on.
+        """
+        weight = self.base_layer.weight
+        if weight.is_meta:  # a structural build (estimate, conversion, FSDP): the start weights come later
+            return
+        if self.shared_weight or not weight.is_floating_point():
+            why = "it is shared with another module (a head tied to the token embedding)" if self.shared_weight else (
+                f"it is {weight.dtype}, not a float")  # fmt: skip
+            raise ConfigError(
+                "LoRA init='pissa' replaces the base weight by its residual after the top-r singular values, but "
+                f"this layer's weight cannot be rewritten: {why}. Use init='kaiming' here, or target other layers."
+            )
+        rank, scaling = self.lora_A[name].out_features, self.scaling[name]
+        with torch.no_grad():
+            u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)  # (out, k), (k,), (k, in)
+            root = (s[:rank] / scaling).sqrt()  # (r,)
+            self.lora_A[name].weight.copy_(root[:, None] * vh[:rank])  # (r, in)
+            self.lora_B[name].weight.copy_(u[:, :rank] * root)  # (out, r)
+            residual = weight.float() - scaling * self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()
+            weight.copy_(residual.to(weight.dtype))
 
     def adapter_names(self) -> list[str]:
         return list(self.lora_A)
@@ -159,7 +192,10 @@ class LoRA(Adapter):
             ``head``), a shell glob matches the full name (``blocks.0.*.q_proj``).
         dropout: dropout on the adapter's input.
         rslora: scale by alpha / sqrt(r) (rank-stabilised LoRA).
-        init: ``kaiming`` (uniform A) or ``gaussian`` (A ~ Normal(0, 1/r)); B starts at zero either way.
+        init: ``kaiming`` (uniform A) or ``gaussian`` (A ~ Normal(0, 1/r)), B zero; or ``pissa``: A and B from the
+            top-r singular vectors and values of the base weight, which keeps the residual (PEFT's
+            ``init_lora_weights="pissa"``). With PiSSA, disabling the adapter leaves the residual model, not the
+            base, and the export holds the residual base weights.
         name: the adapter's name; another LoRA with another name adds a second adapter to the same layers.
     """
 
@@ -174,7 +210,7 @@ class LoRA(Adapter):
         targets: list[str] | None = None,
         dropout: float = 0.0,
         rslora: bool = False,
-        init: Literal["kaiming", "gaussian"] = "kaiming",
+        init: Literal["kaiming", "gaussian", "pissa"] = "kaiming",
         name: str = "default",
     ) -> None:
         targets = list(targets) if targets is not None else ["q_proj", "v_proj"]
