@@ -173,21 +173,29 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base: str | os.
     return directory
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, directory: str | os.PathLike, trust_code: bool = False) -> nn.Module:
     """Apply the adapters of an adapter folder to ``model`` (unless it holds them already) and load their weights.
+
+    Args:
+        model: the base the adapters were trained on.
+        directory: a folder :func:`save_adapter` wrote.
+        trust_code: let ``adapter.yaml`` name adapter classes by any import path (by default only registered
+            plugins and lightningllm's own classes load, as for an export).
 
     Raises:
         ExportError: a missing or damaged adapter folder.
         AdapterError: weights that do not fit ``model`` (an adapter trained on another base).
     """
+    from lightningllm.config import code_trust
     from lightningllm.lifecycle import build_transform
 
     directory = Path(directory)
     config, weights = _read_adapter(directory)
     held = set(adapter_names(model))
-    for spec in config.get("transforms") or []:
-        if (spec.get("init_args") or {}).get("name", "default") not in held:
-            model.apply_transform(build_transform(spec))
+    with code_trust(trust_code, str(directory / ADAPTER_CONFIG)):
+        for spec in config.get("transforms") or []:
+            if (spec.get("init_args") or {}).get("name", "default") not in held:
+                model.apply_transform(build_transform(spec))
     expected = adapter_state_dict(model)
     _check_fit(weights, expected, directory, config.get("base"))
     with torch.no_grad():

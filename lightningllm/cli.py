@@ -370,6 +370,10 @@ def generate_command(args: Sequence[str]) -> None:
     check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     device = _available_device(cfg.device)
     model, tokenizer = load(cfg.export_dir, device=str(device), trust_code=cfg.trust_code)
+    if cfg.adapter is not None:
+        from lightningllm.adapters import load_adapter
+
+        load_adapter(model, cfg.adapter, trust_code=cfg.trust_code)
     if tokenizer is None:
         raise LightningLLMError(f"The export {cfg.export_dir!r} has no tokenizer, so a text prompt cannot be encoded.")
     _refuse_encoder(model, cfg.export_dir)
@@ -456,6 +460,10 @@ def _generate_parser() -> ArgumentParser:
         help="Where to run: cpu, cuda, cuda:N or mps (default: cuda when available).",
     )  # fmt: skip
     parser.add_argument("--trust_code", type=bool, default=False, help=TRUST_CODE_HELP)
+    parser.add_argument(
+        "--adapter", type=str | None, default=None,
+        help="An adapter folder (lightningllm.adapters.save_adapter) to apply to the export before generating.",
+    )  # fmt: skip
     parser.add_argument(
         "--template", type=str | None, default=None,
         help="Render --prompt as a user turn with this prompt template (alpaca, chat or a .jinja file; \\n is a "

@@ -437,3 +437,20 @@ def test_pissa_on_a_converted_llama_matches_peft(tmp_path):
     x = ids(vocab=96)
     with torch.no_grad():
         torch.testing.assert_close(theirs(input_ids=x).logits, ours(x), rtol=0, atol=1e-4)
+
+
+def test_an_adapter_folder_naming_foreign_code_loads_only_with_trust_code(decoder_factory, tmp_path):
+    import yaml
+
+    from lightningllm.errors import UnsafeConfigError
+
+    model = llama(decoder_factory, transforms=[LoRA(rank=2)])
+    save_adapter(model, tmp_path / "adapter")
+    config = yaml.safe_load((tmp_path / "adapter" / "adapter.yaml").read_text())
+    config["transforms"][0]["class_path"] = "lightningllm_plugins.adapter.lora.LoRA"  # a plugin module: allowed
+    (tmp_path / "adapter" / "adapter.yaml").write_text(yaml.safe_dump(config))
+    load_adapter(llama(decoder_factory), tmp_path / "adapter")
+    config["transforms"][0]["class_path"] = "tests_foreign_module.Evil"
+    (tmp_path / "adapter" / "adapter.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(UnsafeConfigError, match="tests_foreign_module"):
+        load_adapter(llama(decoder_factory), tmp_path / "adapter")
