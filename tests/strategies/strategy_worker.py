@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--export", default=None)
     parser.add_argument("--meta", action="store_true", help="build the model on the meta device")
     parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--lora", type=int, default=0, help="train LoRA adapters of this rank on every projection")
     cfg = parser.parse_args()
     torch.set_num_threads(1)
     sys.path.insert(0, str(HERE.parent))  # tests/: conftest's build_decoder
@@ -125,6 +126,9 @@ def main() -> None:
         callbacks=callbacks,
     )  # fmt: skip
     # --meta: the model is built on the meta device (no memory) and the strategy materialises it unit by unit
+    if cfg.lora:
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        combo["transforms"] = [get("adapter", "LoRA")(rank=cfg.lora, targets=targets)]
     with trainer.init_module(empty_init=True) if cfg.meta else nullcontext():
         model = build_decoder(vocab_size=VOCAB, **combo)
     task = CausalLM(model, warmup_steps=2, optimizer=partial(torch.optim.AdamW, lr=cfg.lr))
