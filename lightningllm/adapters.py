@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -150,21 +150,39 @@ def adapter_specs(model: nn.Module) -> list[dict[str, Any]]:
     return [spec for spec in specs if isinstance(build_transform(spec), Adapter)]
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, base: str | os.PathLike | None = None) -> Path:
+def save_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    base: str | os.PathLike | None = None,
+    format: Literal["lightningllm", "peft"] = "lightningllm",
+    name: str | None = None,
+) -> Path:
     """Write the adapters of ``model`` alone: their weights in safetensors and how to rebuild them.
 
     Args:
         model: a lightningllm model with adapters applied as transforms.
         directory: the adapter folder (replaced atomically if it is an earlier adapter folder).
-        base: the base export the adapters were trained on, recorded for the reader.
+        base: the base export the adapters were trained on, recorded for the reader (with ``peft``: the
+            Hugging Face base, PEFT's ``base_model_name_or_path``).
+        format: ``lightningllm`` (every adapter; :func:`load_adapter` reads it) or ``peft``: one adapter as a
+            Hugging Face PEFT folder for the model :func:`lightningllm.convert.to_hf` writes
+            (:mod:`lightningllm.convert.peft`; LoRA, DoRA and IA3).
+        name: with ``peft``, the adapter to write (None: the model's only adapter).
 
     Raises:
-        AdapterError: the model has no adapters, or one of them is merged.
+        AdapterError: the model has no adapters, one of them is merged, or ``name`` is unknown or missing.
+        ConfigError: with ``peft``, an adapter PEFT has no equivalent of, or a model no family converts.
     """
     state = adapter_state_dict(model)
     if not state:
         raise AdapterError(f"{type(model).__name__} has no adapters to save; apply one as a transform first.")
     _refuse_merged([module for _, module in adapter_modules(model)], "save adapter-only weights")
+    if format == "peft":
+        from lightningllm.convert.peft import save_peft_adapter
+
+        return save_peft_adapter(model, directory, _one_adapter(model, name), base=base)
+    if format != "lightningllm":
+        raise AdapterError(f"save_adapter format={format!r} is unknown: choose lightningllm or peft.")
     config = {"base": None if base is None else str(base), "transforms": adapter_specs(model)}
     directory = Path(directory)
     with atomic_directory(directory, replace=ADAPTER_FOLDER) as staging:
@@ -236,6 +254,18 @@ def _check_fit(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
     missing = sorted(set(expected) - set(found))
     if missing:
         raise AdapterError(f"The adapter in {str(directory)!r} lacks {missing[0]!r} of this model's adapters. {where}")
+
+
+def _one_adapter(model: nn.Module, name: str | None) -> str:
+    names = adapter_names(model)
+    if name is None and len(names) == 1:
+        return names[0]
+    if name not in names:
+        raise AdapterError(
+            f"A PEFT folder holds one adapter; {'give its name' if name is None else f'{name!r} is not one'} "
+            f"(name=...): {type(model).__name__} holds {', '.join(names)}."
+        )
+    return name
 
 
 def _refuse_merged(modules: list[AdapterModule], action: str) -> None:

@@ -135,6 +135,11 @@ class DoRA(LoRA):
 
     layer_class = DoRALinear
     head_class = DoRAHead
+    peft_keys = {**LoRA.peft_keys, "lora_magnitude_vector.{name}.weight": "lora_magnitude_vector"}
+
+    def peft_config(self, layers: dict[str, str]) -> dict:
+        """PEFT's ``LoraConfig`` with ``use_dora``."""
+        return {**super().peft_config(layers), "use_dora": True}
 
     def _add_to(self, wrapper: LoRALinear) -> None:
         wrapper.add_dora(self.name, self.rank, self.scaling, self.dropout, self.init)

@@ -156,6 +156,16 @@ class IA3(Adapter):
         self.targets, self.name = targets, name
         self.feedforward = feedforward if feedforward is not None else ["down_proj"]
 
+    peft_keys = {"ia3_l.{name}.weight": "ia3_l"}
+
+    def peft_config(self, layers: dict[str, str]) -> dict:
+        """PEFT's ``IA3Config`` of this adapter on the Hugging Face modules ``layers`` names."""
+        feedforward = [hf for ours, hf in layers.items() if _matches(ours, self.feedforward)]
+        return {
+            "peft_type": "IA3", "target_modules": sorted(layers.values()), "feedforward_modules": sorted(feedforward),
+            "fan_in_fan_out": False, "init_ia3_weights": True,
+        }  # fmt: skip
+
     def apply(self, model: nn.Module) -> None:
         """Wrap every targeted linear of ``model`` (or add to its wrapper), freeze all but this adapter."""
         layers = self._matching_layers(model)

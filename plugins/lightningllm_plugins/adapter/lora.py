@@ -202,6 +202,7 @@ class LoRA(Adapter):
     #: the wrappers this adapter puts around a plain linear and a linear head (a subclass may bring its own)
     layer_class: type[LoRALinear] = LoRALinear
     head_class: type[LoRALinear] = LoRAHead
+    peft_keys = {"lora_A.{name}.weight": "lora_A.weight", "lora_B.{name}.weight": "lora_B.weight"}
 
     def __init__(
         self,
@@ -224,6 +225,18 @@ class LoRA(Adapter):
     def scaling(self) -> float:
         """alpha / r, or alpha / sqrt(r) with rslora."""
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def peft_config(self, layers: dict[str, str]) -> dict:
+        """PEFT's ``LoraConfig`` of this adapter on the Hugging Face modules ``layers`` names."""
+        if self.init == "pissa":
+            raise ConfigError(
+                "A LoRA with init='pissa' has changed its base weights (they hold the residual), so its A and B alone "
+                "do not adapt the original Hugging Face model. Merge it (lightningllm.adapters.merge_and_unload) and "
+                "convert the whole model with to_hf instead."
+            )
+        return {"peft_type": "LORA", "r": self.rank, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
+                "use_rslora": self.rslora, "use_dora": False, "init_lora_weights": True, "bias": "none",
+                "fan_in_fan_out": False, "target_modules": sorted(layers.values())}  # fmt: skip
 
     def apply(self, model: nn.Module) -> None:
         """Wrap every targeted linear of ``model`` (or add to its wrapper), freeze all but this adapter."""
