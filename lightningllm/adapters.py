@@ -10,7 +10,7 @@ were trained on), so :func:`load_adapter` rebuilds the adapters on a fresh base 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +22,7 @@ from torch import nn
 
 from lightningllm.atomic import FolderRule, atomic_directory
 from lightningllm.contracts import Adapter, AdapterModule
-from lightningllm.errors import ExportError, LightningLLMError
+from lightningllm.errors import ConfigError, ExportError, LightningLLMError
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.yaml"
@@ -35,6 +35,63 @@ ADAPTER_FOLDER = FolderRule(
 
 class AdapterError(LightningLLMError):
     """An adapter operation the model's state does not allow, or adapter weights for another base."""
+
+
+class AdapterLayer(AdapterModule):
+    """An adapter module around one frozen module, kept as ``base_layer`` (PEFT's layer): the bookkeeping every
+    such wrapper shares (the switches, the base's sizes, unloading). Subclasses hold their adapters by name.
+
+    Args:
+        base_layer: the module it wraps (its parameters keep their names under ``base_layer.``).
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.enabled, self.active, self.merged = True, [], []
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def unload(self) -> nn.Module:
+        return self.base_layer
+
+
+def check_adapter_name(kind: str, name: str) -> None:
+    """Refuse an adapter name that cannot key a ``ModuleDict`` (empty, or with dots).
+
+    Raises:
+        ConfigError: the bad name, in one paragraph.
+    """
+    if not isinstance(name, str) or not name or "." in name:
+        raise ConfigError(f"{kind} name={name!r} must be a non-empty name without dots (it is a ModuleDict key).")
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` in place of ``model``'s submodule ``name`` (a wrapper around it) and return it."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+    return module
+
+
+def train_only(model: nn.Module, params: Iterable[nn.Parameter]) -> str:
+    """Freeze every parameter of ``model`` but ``params``; return ``N of M parameters train (x.xxx%)`` for the log."""
+    mine = {id(param) for param in params}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in mine)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{trainable} of {total} parameters train ({100 * trainable / total:.3f}%)"
+
+
+def parameters_of(modules: Iterable[AdapterModule], name: str) -> list[nn.Parameter]:
+    """The parameters of adapter ``name`` in ``modules``."""
+    return [module.get_parameter(param) for module in modules for param in module.adapter_params(name)]
 
 
 def adapter_modules(model: nn.Module) -> list[tuple[str, AdapterModule]]:
@@ -277,7 +334,8 @@ def _refuse_merged(modules: list[AdapterModule], action: str) -> None:
 
 
 __all__ = [
-    "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterError", "adapter_modules", "adapter_names", "adapter_specs",
-    "adapter_state_dict", "disabled", "load_adapter", "merge_adapters", "merge_and_unload", "save_adapter",
-    "set_active_adapters", "unmerge_adapters",
+    "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterError", "AdapterLayer", "adapter_modules", "adapter_names",
+    "adapter_specs", "adapter_state_dict", "check_adapter_name", "disabled", "load_adapter", "merge_adapters",
+    "merge_and_unload", "parameters_of", "replace_module", "save_adapter", "set_active_adapters", "train_only",
+    "unmerge_adapters",
 ]  # fmt: skip

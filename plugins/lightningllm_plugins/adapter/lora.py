@@ -19,8 +19,15 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightningllm.adapters import AdapterError
-from lightningllm.contracts import Adapter, AdapterModule, Head
+from lightningllm.adapters import (
+    AdapterError,
+    AdapterLayer,
+    check_adapter_name,
+    parameters_of,
+    replace_module,
+    train_only,
+)
+from lightningllm.contracts import Adapter, Head
 from lightningllm.errors import ConfigError
 from lightningllm.registry import register
 
@@ -59,7 +66,7 @@ class LoRAUp(nn.Linear):
         nn.init.zeros_(self.weight)
 
 
-class LoRALinear(AdapterModule):
+class LoRALinear(AdapterLayer):
     """``y = base_layer(x) + sum over active adapters of scaling * B A dropout(x)``.
 
     Args:
@@ -67,22 +74,12 @@ class LoRALinear(AdapterModule):
     """
 
     def __init__(self, base_layer: nn.Linear) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
-        self.enabled, self.active, self.merged = True, [], []
         self.shared_weight = False  # the base weight is also another module's (a head tied to the embedding)
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     def add_adapter(self, name: str, rank: int, scaling: float, dropout: float, init: str) -> None:
         """Add adapter ``name`` (A, B, dropout, scaling) beside the others and make it active."""
@@ -166,9 +163,6 @@ class LoRALinear(AdapterModule):
             while self.merged:
                 self.base_layer.weight.sub_(self.delta_weight(self.merged.pop()).to(self.base_layer.weight.dtype))
 
-    def unload(self) -> nn.Module:
-        return self.base_layer
-
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names()}, active={self.active}, merged={self.merged}"
 
@@ -250,19 +244,11 @@ class LoRA(Adapter):
             wrapper.shared_weight = id(wrapper.base_layer.weight) in shared
             self._add_to(wrapper)
             wrappers.append(wrapper)
-        mine = {id(wrapper.get_parameter(p)) for wrapper in wrappers for p in wrapper.adapter_params(self.name)}
-        for param in model.parameters():
-            param.requires_grad_(id(param) in mine)
-        total = sum(p.numel() for p in model.parameters())
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("%s %r (rank %d, alpha %g) on %d layers: %d of %d parameters train (%.3f%%)", type(self).__name__,
-                 self.name, self.rank, self.alpha, len(layers), trainable, total, 100 * trainable / total)  # fmt: skip
+        log.info("%s %r (rank %d, alpha %g) on %d layers: %s", type(self).__name__, self.name, self.rank, self.alpha,
+                 len(layers), train_only(model, parameters_of(wrappers, self.name)))  # fmt: skip
 
     def _wrap(self, model: nn.Module, name: str, layer: nn.Linear) -> LoRALinear:
-        parent_name, _, child = name.rpartition(".")
-        wrapper = (self.head_class if isinstance(layer, Head) else self.layer_class)(layer)
-        setattr(model.get_submodule(parent_name), child, wrapper)
-        return wrapper
+        return replace_module(model, name, (self.head_class if isinstance(layer, Head) else self.layer_class)(layer))
 
     def _add_to(self, wrapper: LoRALinear) -> None:
         wrapper.add_adapter(self.name, self.rank, self.scaling, self.dropout, self.init)
@@ -309,8 +295,7 @@ def _check_options(
         raise ConfigError(f"{kind} dropout={dropout!r} must be in [0, 1).")
     if init not in INITS:
         raise ConfigError(f"{kind} init={init!r} is not an initialisation: choose one of {', '.join(INITS)}.")
-    if not name or "." in name:
-        raise ConfigError(f"{kind} name={name!r} must be a non-empty name without dots (it is a ModuleDict key).")
+    check_adapter_name(kind, name)
 
 
 def _linear_layers(model: nn.Module, wrapper: type[nn.Module] | None = None) -> list[tuple[str, nn.Module]]:

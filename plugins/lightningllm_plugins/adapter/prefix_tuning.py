@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightningllm.adapters import AdapterError
+from lightningllm.adapters import AdapterError, check_adapter_name, parameters_of, train_only
 from lightningllm.cache import KVCache
 from lightningllm.contracts import Adapter, AdapterModule, Attention, Position
 from lightningllm.errors import ConfigError
@@ -266,19 +266,13 @@ class PrefixTuning(Adapter):
         for i, blk in enumerate(model.blocks):
             self._check_fits(i, blk.attention)
         hidden = (self.hidden or model.dim) if self.reparametrize else None
-        mine = set()
         for blk in model.blocks:
             if not isinstance(blk.attention, PrefixAttention):
                 blk.attention = PrefixAttention(blk.attention)
             blk.attention.add_adapter(self.name, self.n_tokens, model.dim, hidden)
-            mine |= {id(p) for p in blk.attention.prefix[self.name].parameters()}
-        for param in model.parameters():
-            param.requires_grad_(id(param) in mine)
-        total = sum(p.numel() for p in model.parameters())
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("PrefixTuning %r (%d keys/values per layer%s) on %d layers: %d of %d parameters train (%.3f%%)",
-                 self.name, self.n_tokens, ", reparametrized" if hidden else "", len(model.blocks), trainable, total,
-                 100 * trainable / total)  # fmt: skip
+        trainable = train_only(model, parameters_of([blk.attention for blk in model.blocks], self.name))
+        log.info("PrefixTuning %r (%d keys/values per layer%s) on %d layers: %s", self.name, self.n_tokens,
+                 ", reparametrized" if hidden else "", len(model.blocks), trainable)  # fmt: skip
 
     def _check_fits(self, i: int, attention: nn.Module) -> None:
         if isinstance(attention, PrefixAttention):
@@ -303,5 +297,4 @@ def _check_options(n_tokens: int, hidden: int | None, name: str) -> None:
         raise ConfigError(f"PrefixTuning n_tokens={n_tokens!r} is not a positive integer: give e.g. 20 keys/values.")
     if hidden is not None and (not isinstance(hidden, int) or isinstance(hidden, bool) or hidden <= 0):
         raise ConfigError(f"PrefixTuning hidden={hidden!r} must be None (the model's dim) or a positive integer.")
-    if not name or "." in name:
-        raise ConfigError(f"PrefixTuning name={name!r} must be a non-empty name without dots (a ModuleDict key).")
+    check_adapter_name("PrefixTuning", name)
