@@ -414,8 +414,6 @@ class Adapter(Transform):
         Raises:
             ConfigError: PEFT has no equivalent of this adapter (the default; the reason is named).
         """
-        from lightningllm.errors import ConfigError
-
         raise ConfigError(
             f"{type(self).__name__} has no Hugging Face PEFT equivalent that lightningllm writes; save it in "
             "lightningllm's own adapter format (save_adapter without format='peft')."
