@@ -3,7 +3,8 @@
 ``fit``/``validate``/``test``/``predict`` are LightningCLI subcommands (YAML with
 ``class_path``/``init_args``, ``--print_config``); ``plugins`` lists the registry,
 ``generate`` samples from an export folder, ``chat`` converses with one, ``convert`` imports or exports Hugging Face
-checkpoints and ``estimate`` prints what a configured run will cost before it starts. A user
+checkpoints, ``estimate`` prints what a configured run will cost before it starts and ``serve`` answers OpenAI
+API requests with an export. A user
 error prints one paragraph and exits 2; set ``LIGHTNINGLLM_TRACEBACK=1`` to see the traceback too.
 """
 
@@ -30,7 +31,13 @@ from lightningllm.checks import check_int, check_number
 from lightningllm.errors import ConfigError, LightningLLMError, write_error
 from lightningllm.estimate.command import SUMMARY as ESTIMATE_SUMMARY
 from lightningllm.estimate.command import estimate_command
+from lightningllm.evaluation.command import SUMMARY as EVALUATE_SUMMARY
+from lightningllm.evaluation.command import evaluate_command
+from lightningllm.labeling import SUMMARY as LABEL_SUMMARY
+from lightningllm.labeling import label_command
 from lightningllm.parse_errors import ShortErrors
+from lightningllm.serve.command import SUMMARY as SERVE_SUMMARY
+from lightningllm.serve.command import serve_command
 from lightningllm.tasks.span_corruption import decode_with_sentinels
 
 log = logging.getLogger("lightningllm")
@@ -561,6 +568,8 @@ USAGE = """usage: lightningllm {fit,validate,test,predict} --config CONFIG.yaml 
        lightningllm convert --from-hf HF_DIR --out EXPORT_DIR
        lightningllm convert --to-hf EXPORT_DIR --out HF_DIR [--family gpt2|llama|mistral|mixtral|bert]
        lightningllm estimate --config CONFIG.yaml [--key=value ...] [--device_memory_gib GIB]
+       lightningllm label POLICY_EXPORT --judge JUDGE [--judge.OPTION V ...] --out FILE.jsonl [--prompts SOURCE --k K]
+       lightningllm serve EXPORT_DIR [--port 8000] [--template chat] [--max_batch_size 8]   (OpenAI-compatible API)
 """
 
 #: One line per command, for ``lightningllm --help`` and each command's own ``--help``.
@@ -569,10 +578,13 @@ SUMMARIES = {
     "validate": "Compute the validation loss of a config's model (from --ckpt_path, or freshly initialised).",
     "test": "Compute the test loss of a config's model (from --ckpt_path, or freshly initialised).",
     "predict": "Run the model's predict_step over the datamodule's predict split.",
-    "plugins": "List the registered plugins (attention, ffn, norm, position, block, tokenizer, adapter).",
+    "plugins": "List the registered plugins (attention, ffn, norm, position, block, tokenizer, adapter, judge).",
     "generate": "Sample text from an export folder.",
     "convert": "Convert a Hugging Face checkpoint folder to a lightningllm export folder, or back.",
     "estimate": ESTIMATE_SUMMARY,
+    "evaluate": EVALUATE_SUMMARY,
+    "label": LABEL_SUMMARY,
+    "serve": SERVE_SUMMARY,
 }
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -583,6 +595,9 @@ COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "chat": chat_command,
     "convert": convert_command,
     "estimate": estimate_command,
+    "evaluate": evaluate_command,
+    "label": label_command,
+    "serve": serve_command,
 }
 
 

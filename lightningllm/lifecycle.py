@@ -27,7 +27,7 @@ from torch import nn
 
 from lightningllm import registry
 from lightningllm.config import class_name, factory_of, resolve, spec_of
-from lightningllm.contracts import Head, HeadFactory, NormFactory, Transform
+from lightningllm.contracts import AdapterModule, Head, HeadFactory, NormFactory, Transform
 from lightningllm.errors import ConfigError
 from lightningllm.init import initialize, record_normal_init
 from lightningllm.transforms import Freeze
@@ -81,12 +81,29 @@ class ModelLifecycle:
         self.record_init()
         self.reset_parameters()
         self.config["transforms"] = []
+        new_head = False
         if start_weights is not None:
             from lightningllm.start_weights import load_start_weights
 
-            load_start_weights(self, start_weights)
+            new_head = load_start_weights(self, start_weights)
         for transform in transforms or []:
             self.apply_transform(transform)
+        if new_head and transforms:
+            self._train_new_head()
+
+    def _train_new_head(self) -> None:
+        """Leave a head the start weights lacked trainable whatever the transforms froze: random weights that never
+        train make a random classifier (PEFT's ``modules_to_save``). A head an adapter wraps, or one that shares its
+        weight with the embedding, is left as the transforms set it."""
+        shared = {id(p) for name, p in self.named_parameters() if not name.startswith("head.")}
+        params = list(self.head.parameters())
+        if isinstance(self.head, AdapterModule) or any(id(p) in shared for p in params):
+            return
+        if not all(p.requires_grad for p in params):
+            log.info("%s: the new %s head trains (the start weights lack it).", type(self).__name__,
+                     type(self.head).__name__)  # fmt: skip
+        for param in params:
+            param.requires_grad_(True)
 
     def apply_transform(self, transform: Transform) -> None:
         """Apply ``transform`` to this model and record it in ``config``."""

@@ -20,7 +20,7 @@ from lightningllm.errors import DuplicatePluginError, PluginNotFoundError
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "lightningllm.plugins"
-KINDS = ("position", "attention", "ffn", "norm", "block", "head", "transform", "tokenizer", "adapter")
+KINDS = ("position", "attention", "ffn", "norm", "block", "head", "transform", "tokenizer", "adapter", "judge")
 
 T = TypeVar("T", bound=type)
 

@@ -52,8 +52,11 @@ def read_start_weights(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict
     return model.state_dict(), dict(model.config)
 
 
-def load_start_weights(model: nn.Module, path: str | os.PathLike) -> None:
+def load_start_weights(model: nn.Module, path: str | os.PathLike) -> bool:
     """Load ``path`` into ``model``: the whole backbone, and the head when the start weights have the same one.
+
+    Returns:
+        True when the model's head has tensors and the start weights lacked them (the head is new).
 
     Meta tensors are replaced by the loaded ones (FSDP then materialises only what is left, each
     module by its own rule); real tensors are copied into, which keeps tied weights tied.
@@ -79,6 +82,7 @@ def load_start_weights(model: nn.Module, path: str | os.PathLike) -> None:
                  if found else "no head")  # fmt: skip
     else:
         log.info("start weights %s: backbone and %s head loaded (%d tensors)", path, head_name, len(names))
+    return bool(head) and not head_fits
 
 
 def _check_backbone(model: nn.Module, path, backbone: list[str], ours: dict, state: dict) -> None:

@@ -187,7 +187,9 @@ class FSDPStrategy(LightningFSDPStrategy):
 
     A model built on the meta device (``with trainer.init_module(empty_init=True):`` or in a task's
     ``configure_model``) is materialised unit by unit as FSDP shards it: each module gets
-    storage and its own initialisation (:func:`materialize_unit`).
+    storage and its own initialisation (:func:`materialize_unit`). Parameters held as tensor subclasses
+    (QLoRA's frozen NF4 weights) cannot join FSDP's flat parameters: they go to FSDP as ``ignored_states``,
+    and each rank keeps them whole, at their 4-bit size.
 
     Args:
         activation_checkpointing: recompute each ``Block`` in the backward pass, applied after wrapping
@@ -246,6 +248,10 @@ class FSDPStrategy(LightningFSDPStrategy):
             self.kwargs["auto_wrap_policy"] = block_wrap_policy(model)
         if self.checkpoint_blocks and not self._activation_checkpointing_kwargs:
             self._activation_checkpointing_kwargs = {"check_fn": lambda module: isinstance(module, Block)}
+        if not {"ignored_states", "ignored_modules"} & set(self.kwargs):
+            ignored = subclass_parameters(model, self.root_device)
+            if ignored:
+                self.kwargs["ignored_states"] = ignored
         if "param_init_fn" not in self.kwargs and _has_meta_tensors(model):
             self.kwargs["param_init_fn"] = partial(materialize_unit, device=self.root_device)
         if self.root_device.type == "cpu":
@@ -265,6 +271,26 @@ class FSDPStrategy(LightningFSDPStrategy):
         )  # fmt: skip
         self.kwargs.pop("auto_wrap_policy", None)  # already applied: keeps Lightning from warning that it is ignored
         return wrapped
+
+
+def subclass_parameters(model: nn.Module, device: torch.device) -> list[nn.Parameter]:
+    """The parameters of ``model`` held as tensor subclasses (QLoRA's frozen NF4 weights), moved to ``device``.
+
+    FSDP cannot flatten them into its flat parameters, so they go to it as ``ignored_states``: each rank keeps
+    them whole (replicated, at their 4-bit size) while FSDP shards the rest. FSDP moves only what it manages,
+    so they are moved here.
+    """
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    found = []
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if is_traceable_wrapper_subclass(param):
+                if param.device != device:
+                    param = nn.Parameter(param.to(device), requires_grad=param.requires_grad)
+                    setattr(module, name, param)
+                found.append(param)
+    return found
 
 
 def _has_meta_tensors(model: nn.Module) -> bool:

@@ -53,6 +53,9 @@ def case(id: str, *args: str, expect: str = "", env: dict[str, str] | None = Non
 
 FIT = ("fit", "--config", "{run}", "--trainer.max_steps=1")
 EST = ("estimate", "--config", "{run}")
+LABEL, OUT = ("label", "{export}", "--prompts", "{prompts}"), ("--out", "{tmp}/p.jsonl")
+METER, RM = ("--judge", "MeterJudge"), ("--judge", "RewardModelJudge", "--judge.export_dir")
+LM = ("--judge", "LanguageModelJudge", "--judge.export_dir", "{export}")
 MODEL = "--model.init_args.model.init_args"
 
 
@@ -214,6 +217,30 @@ CASES: list[Case] = [
     case("generate-empty-weights", "generate", "{export_empty_weights}", "--prompt", "hi", expect="safetensors"),
     case("generate-bad-config", "generate", "{export_bad_config}", "--prompt", "hi", expect="config.yaml"),
     case("generate-unknown-flag", "generate", "{export}", "--prompt", "hi", "--no_such_flag=1", expect="no_such"),
+    # --- label -------------------------------------------------------------------------------------
+    case("label-k-one", *LABEL, *METER, *OUT, "--k=1", expect="--k=1"),
+    case("label-unknown-judge", *LABEL, "--judge", "NoSuchJudge", *OUT, expect="NoSuchJudge"),
+    case("label-missing-export", "label", "{tmp}/no_export", *LABEL[2:], *METER, *OUT, expect="no_export"),
+    case("label-missing-judge-export", *LABEL, *RM, "{tmp}/no_rm", *OUT, expect="no_rm"),
+    case("label-judge-not-reward-model", *LABEL, *RM, "{export}", *OUT, expect="ScalarHead"),
+    case("label-missing-prompts", *LABEL[:2], "--prompts", "{tmp}/no_prompts.txt", *METER, *OUT, expect="no_prompts"),
+    case("label-out-is-user-file", *LABEL, *METER, "--out", "{bad_yaml}", expect="already exists"),
+    case("label-overwrite-user-file", *LABEL, *METER, "--out", "{bad_yaml}", "--overwrite=true", expect="bad.yaml"),
+    case("label-unknown-format", *LABEL, *METER, *OUT, "--format=list", expect="list"),
+    case("label-revise-rule-judge", *LABEL, *METER, *OUT, "--revise=true", expect="LanguageModelJudge"),
+    case("label-unknown-constitution", *LABEL, *LM, "--judge.constitution=no_rules", *OUT, expect="no_rules"),
+    case("label-untrusted-rule", *LABEL, "--judge", "RuleJudge", "--judge.rule=os.system", *OUT, expect="trust_code"),
+    # --- serve ---------------------------------------------------------------------------------------
+    case("serve-missing-export", "serve", "{tmp}/no_export", expect="no_export"),
+    case("serve-damaged-export", "serve", "{export_empty_weights}", expect="safetensors"),
+    case("serve-port-privileged", "serve", "{export}", "--port=80", expect="port"),
+    case("serve-port-too-large", "serve", "{export}", "--port=70000", expect="70000"),
+    case("serve-port-not-int", "serve", "{export}", "--port=http", expect="http"),
+    case("serve-host-unknown", "serve", "{export}", "--host=example.com", expect="example.com"),
+    case("serve-batch-size-zero", "serve", "{export}", "--max_batch_size=0", expect="max_batch_size"),
+    case("serve-concurrency-zero", "serve", "{export}", "--max_concurrency=0", expect="max_concurrency"),
+    case("serve-unknown-template", "serve", "{export}", "--template=no_such_template", expect="no_such_template"),
+    case("serve-prompt-above-context", "serve", "{export}", "--max_prompt_tokens=100000", expect="max_seq_len"),
 ]
 
 
@@ -241,6 +268,7 @@ def workspace(root: Path) -> dict[str, str]:
     paths["run"] = run
     paths["bad_yaml"] = _write(root / "bad.yaml", "model: [unclosed\n  - : :\n")
     paths["list_yaml"] = _write(root / "list.yaml", "- 1\n- 2\n")
+    paths["prompts"] = _write(root / "prompts.txt", "To be\n")
     no_model = {k: v for k, v in config.items() if k != "model"}
     paths["no_model_yaml"] = _write(root / "no_model.yaml", yaml.safe_dump(no_model))
     (root / "empty_dir").mkdir(exist_ok=True)

@@ -63,7 +63,7 @@ def test_top_level_help_lists_every_command_with_one_line(flag, capsys):
     assert set(SUMMARIES) >= {*LIGHTNING_COMMANDS, "plugins", "generate", "convert", "estimate"}
 
 
-@pytest.mark.parametrize("command", ["plugins", "convert", "fit"])
+@pytest.mark.parametrize("command", ["plugins", "convert", "fit", "label"])
 def test_each_command_help_starts_with_its_description_and_helps_every_option(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])

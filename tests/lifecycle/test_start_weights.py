@@ -99,3 +99,23 @@ def test_export_load_round_trip_with_head_and_transform(decoder_factory, lm_expo
     assert [n for n, p in loaded.named_parameters() if p.requires_grad] == ["head.proj.weight", "head.proj.bias"]
     ids = torch.randint(0, 50, (2, 6))
     torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [("adapter", "LoRA", {}), ("adapter", "IA3", {}), ("transform", "Freeze", {"train": "last_blocks", "n_blocks": 1})],
+)
+def test_a_new_head_trains_whatever_the_transforms_freeze(decoder_factory, lm_export, transform):
+    kind, name, args = transform
+    _, path = lm_export
+    model = decoder_factory(tie_embeddings=False, head=partial(ClassificationHead, n_classes=3), start_weights=path,
+                            transforms=[get(kind, name)(**args)])  # fmt: skip
+    assert all(p.requires_grad for p in model.head.parameters())
+    backbone_trains = [p.requires_grad for n, p in model.named_parameters() if not n.startswith("head.")]
+    assert 0 < backbone_trains.count(False) < len(backbone_trains)  # the transform still froze the backbone
+
+
+def test_a_head_the_start_weights_hold_stays_as_the_transforms_set_it(decoder_factory, lm_export):
+    _, path = lm_export
+    model = decoder_factory(tie_embeddings=False, start_weights=path, transforms=[get("adapter", "LoRA")()])
+    assert not any(p.requires_grad for p in model.head.parameters())

@@ -139,9 +139,11 @@ def test_wheel_holds_lightningllm_plugins_and_no_top_level_plugins(installs):
     missing = installs["python_files"] - names
     assert not missing, f"missing from the wheel: {sorted(missing)}"
     templates = {
-        f"lightningllm/prompt_templates/{p.name}" for p in (ROOT / "lightningllm/prompt_templates").glob("*.jinja")
+        f"lightningllm/{folder}/{p.name}"
+        for folder in ("prompt_templates", "constitutions")
+        for p in (ROOT / "lightningllm" / folder).glob("*.*")
     }
-    assert templates and templates <= names  # package data: the prompt templates the code reads at run time
+    assert templates and templates <= names  # package data: prompt templates and constitutions read at run time
     assert "[lightningllm.plugins]" in entry_points_text
     assert "builtin = lightningllm_plugins" in entry_points_text
     assert "lightningllm = lightningllm.cli:main" in entry_points_text

@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--export", default=None)
     parser.add_argument("--meta", action="store_true", help="build the model on the meta device")
     parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--lora", type=int, default=0, help="train LoRA adapters of this rank on every projection")
+    parser.add_argument("--transforms", default="[]", help="JSON list of {class_path, init_args}: adapters to apply")
     cfg = parser.parse_args()
     torch.set_num_threads(1)
     sys.path.insert(0, str(HERE.parent))  # tests/: conftest's build_decoder
@@ -78,6 +78,7 @@ def main() -> None:
     from conftest import build_decoder
 
     from lightningllm.data.resumable import resumable_loader
+    from lightningllm.lifecycle import build_transform
     from lightningllm.registry import get
     from lightningllm.tasks import CausalLM
 
@@ -126,11 +127,9 @@ def main() -> None:
         callbacks=callbacks,
     )  # fmt: skip
     # --meta: the model is built on the meta device (no memory) and the strategy materialises it unit by unit
-    if cfg.lora:
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        combo["transforms"] = [get("adapter", "LoRA")(rank=cfg.lora, targets=targets)]
     with trainer.init_module(empty_init=True) if cfg.meta else nullcontext():
-        model = build_decoder(vocab_size=VOCAB, **combo)
+        transforms = [build_transform(spec) for spec in json.loads(cfg.transforms)]
+        model = build_decoder(vocab_size=VOCAB, transforms=transforms, **combo)
     task = CausalLM(model, warmup_steps=2, optimizer=partial(torch.optim.AdamW, lr=cfg.lr))
     trainer.fit(task, datamodule=Sequences(cfg.batch_size), ckpt_path=cfg.resume)
     if trainer.is_global_zero:

@@ -31,6 +31,9 @@ OPTIONS = {
 }
 
 
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 def base_weights(model) -> dict[str, torch.Tensor]:
     """The non-adapter parameters by their names before activation checkpointing wraps the blocks."""
     adapters = {id(p) for p in adapter_state_dict(model).values()}
@@ -71,7 +74,9 @@ def test_lora_under_ddp_matches_one_process_and_keeps_the_base_weights(decoder_f
 
     def run(name, *args):
         out = tmp_path / f"{name}.json"
-        rc, output = launch(["--out", str(out), "--combo", "llama", "--lora", "4", "--lr", "5e-2", *args])
+        lora = {"class_path": "LoRA", "init_args": {"rank": 4, "targets": ALL_LINEAR}}
+        rc, output = launch(["--out", str(out), "--combo", "llama", "--transforms", json.dumps([lora]), "--lr", "5e-2",
+                             *args])  # fmt: skip
         assert rc == 0, output[-3000:]
         record = json.loads(out.read_text())
         return record["world_size"], [record["losses"][k] for k in sorted(record["losses"], key=int)]

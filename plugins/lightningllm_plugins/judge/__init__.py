@@ -1,0 +1,1 @@
+"""Built-in judge plugins: scorers of (prompt, response) pairs for AI feedback (``lightningllm label``)."""
