@@ -21,10 +21,13 @@ from lightningllm.tasks import CausalLM
 sys.path.insert(0, str(Path(__file__).parent))
 from strategy_worker import COMBOS, VOCAB, launch  # noqa: E402
 
+#: model widths other than 32: QLoRA's NF4 blocks (64 x 256 values) need 128 x 128 weights
+DIMS = {"QLoRA": 128}
 #: options that make each built-in adapter small and quick to train here; others train with their defaults
 OPTIONS = {
     "LoRA": {"rank": 4, "targets": ["q_proj", "v_proj", "down_proj"]},
     "DoRA": {"rank": 4, "targets": ["q_proj", "v_proj", "down_proj"]},
+    "QLoRA": {"rank": 4, "targets": ["q_proj", "down_proj"]},
     "Bottleneck": {"reduction_factor": 4},
     "PromptTuning": {"n_tokens": 4, "init": "random"},
     "PrefixTuning": {"n_tokens": 4},
@@ -38,7 +41,7 @@ def base_weights(model) -> dict[str, torch.Tensor]:
     """The non-adapter parameters by their names before activation checkpointing wraps the blocks."""
     adapters = {id(p) for p in adapter_state_dict(model).values()}
     named = {n.replace("._checkpoint_wrapped_module", ""): p for n, p in model.named_parameters()}
-    return {n: p.detach().clone() for n, p in named.items() if id(p) not in adapters}
+    return {n: p.detach().to(torch.float32).clone() for n, p in named.items() if id(p) not in adapters}  # NF4: dense
 
 
 @pytest.mark.parametrize(("precision", "checkpointing"), [("bf16-mixed", False), ("32-true", True)])
@@ -46,7 +49,8 @@ def base_weights(model) -> dict[str, torch.Tensor]:
 def test_every_adapter_trains_under_bf16_and_activation_checkpointing(decoder_factory, tmp_path, adapter, precision,
                                                                         checkpointing):  # fmt: skip
     torch.manual_seed(0)
-    model = decoder_factory(vocab_size=16, n_kv_heads=2, ffn="SwiGLU", norm="RMSNorm", position="RoPE", init_std=0.3,
+    model = decoder_factory(vocab_size=16, dim=DIMS.get(adapter, 32), n_kv_heads=2, ffn="SwiGLU", norm="RMSNorm",
+                            position="RoPE", init_std=0.3,
                             transforms=[get("adapter", adapter)(**OPTIONS.get(adapter, {}))])  # fmt: skip
     data = (torch.randint(0, 16, (32, 1)) + torch.arange(9)) % 16  # counting sequences
 
