@@ -10,10 +10,10 @@ were trained on), so :func:`load_adapter` rebuilds the adapters on a fresh base 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -22,7 +22,7 @@ from torch import nn
 
 from lightningllm.atomic import FolderRule, atomic_directory
 from lightningllm.contracts import Adapter, AdapterModule
-from lightningllm.errors import ExportError, LightningLLMError
+from lightningllm.errors import ConfigError, ExportError, LightningLLMError
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.yaml"
@@ -35,6 +35,63 @@ ADAPTER_FOLDER = FolderRule(
 
 class AdapterError(LightningLLMError):
     """An adapter operation the model's state does not allow, or adapter weights for another base."""
+
+
+class AdapterLayer(AdapterModule):
+    """An adapter module around one frozen module, kept as ``base_layer`` (PEFT's layer): the bookkeeping every
+    such wrapper shares (the switches, the base's sizes, unloading). Subclasses hold their adapters by name.
+
+    Args:
+        base_layer: the module it wraps (its parameters keep their names under ``base_layer.``).
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.enabled, self.active, self.merged = True, [], []
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def unload(self) -> nn.Module:
+        return self.base_layer
+
+
+def check_adapter_name(kind: str, name: str) -> None:
+    """Refuse an adapter name that cannot key a ``ModuleDict`` (empty, or with dots).
+
+    Raises:
+        ConfigError: the bad name, in one paragraph.
+    """
+    if not isinstance(name, str) or not name or "." in name:
+        raise ConfigError(f"{kind} name={name!r} must be a non-empty name without dots (it is a ModuleDict key).")
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` in place of ``model``'s submodule ``name`` (a wrapper around it) and return it."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+    return module
+
+
+def train_only(model: nn.Module, params: Iterable[nn.Parameter]) -> str:
+    """Freeze every parameter of ``model`` but ``params``; return ``N of M parameters train (x.xxx%)`` for the log."""
+    mine = {id(param) for param in params}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in mine)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{trainable} of {total} parameters train ({100 * trainable / total:.3f}%)"
+
+
+def parameters_of(modules: Iterable[AdapterModule], name: str) -> list[nn.Parameter]:
+    """The parameters of adapter ``name`` in ``modules``."""
+    return [module.get_parameter(param) for module in modules for param in module.adapter_params(name)]
 
 
 def adapter_modules(model: nn.Module) -> list[tuple[str, AdapterModule]]:
@@ -150,21 +207,39 @@ def adapter_specs(model: nn.Module) -> list[dict[str, Any]]:
     return [spec for spec in specs if isinstance(build_transform(spec), Adapter)]
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, base: str | os.PathLike | None = None) -> Path:
+def save_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    base: str | os.PathLike | None = None,
+    format: Literal["lightningllm", "peft"] = "lightningllm",
+    name: str | None = None,
+) -> Path:
     """Write the adapters of ``model`` alone: their weights in safetensors and how to rebuild them.
 
     Args:
         model: a lightningllm model with adapters applied as transforms.
         directory: the adapter folder (replaced atomically if it is an earlier adapter folder).
-        base: the base export the adapters were trained on, recorded for the reader.
+        base: the base export the adapters were trained on, recorded for the reader (with ``peft``: the
+            Hugging Face base, PEFT's ``base_model_name_or_path``).
+        format: ``lightningllm`` (every adapter; :func:`load_adapter` reads it) or ``peft``: one adapter as a
+            Hugging Face PEFT folder for the model :func:`lightningllm.convert.to_hf` writes
+            (:mod:`lightningllm.convert.peft`; LoRA, DoRA and IA3).
+        name: with ``peft``, the adapter to write (None: the model's only adapter).
 
     Raises:
-        AdapterError: the model has no adapters, or one of them is merged.
+        AdapterError: the model has no adapters, one of them is merged, or ``name`` is unknown or missing.
+        ConfigError: with ``peft``, an adapter PEFT has no equivalent of, or a model no family converts.
     """
     state = adapter_state_dict(model)
     if not state:
         raise AdapterError(f"{type(model).__name__} has no adapters to save; apply one as a transform first.")
     _refuse_merged([module for _, module in adapter_modules(model)], "save adapter-only weights")
+    if format == "peft":
+        from lightningllm.convert.peft import save_peft_adapter
+
+        return save_peft_adapter(model, directory, _one_adapter(model, name), base=base)
+    if format != "lightningllm":
+        raise AdapterError(f"save_adapter format={format!r} is unknown: choose lightningllm or peft.")
     config = {"base": None if base is None else str(base), "transforms": adapter_specs(model)}
     directory = Path(directory)
     with atomic_directory(directory, replace=ADAPTER_FOLDER) as staging:
@@ -173,21 +248,29 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base: str | os.
     return directory
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, directory: str | os.PathLike, trust_code: bool = False) -> nn.Module:
     """Apply the adapters of an adapter folder to ``model`` (unless it holds them already) and load their weights.
+
+    Args:
+        model: the base the adapters were trained on.
+        directory: a folder :func:`save_adapter` wrote.
+        trust_code: let ``adapter.yaml`` name adapter classes by any import path (by default only registered
+            plugins and lightningllm's own classes load, as for an export).
 
     Raises:
         ExportError: a missing or damaged adapter folder.
         AdapterError: weights that do not fit ``model`` (an adapter trained on another base).
     """
+    from lightningllm.config import code_trust
     from lightningllm.lifecycle import build_transform
 
     directory = Path(directory)
     config, weights = _read_adapter(directory)
     held = set(adapter_names(model))
-    for spec in config.get("transforms") or []:
-        if (spec.get("init_args") or {}).get("name", "default") not in held:
-            model.apply_transform(build_transform(spec))
+    with code_trust(trust_code, str(directory / ADAPTER_CONFIG)):
+        for spec in config.get("transforms") or []:
+            if (spec.get("init_args") or {}).get("name", "default") not in held:
+                model.apply_transform(build_transform(spec))
     expected = adapter_state_dict(model)
     _check_fit(weights, expected, directory, config.get("base"))
     with torch.no_grad():
@@ -230,6 +313,18 @@ def _check_fit(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
         raise AdapterError(f"The adapter in {str(directory)!r} lacks {missing[0]!r} of this model's adapters. {where}")
 
 
+def _one_adapter(model: nn.Module, name: str | None) -> str:
+    names = adapter_names(model)
+    if name is None and len(names) == 1:
+        return names[0]
+    if name not in names:
+        raise AdapterError(
+            f"A PEFT folder holds one adapter; {'give its name' if name is None else f'{name!r} is not one'} "
+            f"(name=...): {type(model).__name__} holds {', '.join(names)}."
+        )
+    return name
+
+
 def _refuse_merged(modules: list[AdapterModule], action: str) -> None:
     if any(module.merged for module in modules):
         raise AdapterError(
@@ -239,7 +334,8 @@ def _refuse_merged(modules: list[AdapterModule], action: str) -> None:
 
 
 __all__ = [
-    "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterError", "adapter_modules", "adapter_names", "adapter_specs",
-    "adapter_state_dict", "disabled", "load_adapter", "merge_adapters", "merge_and_unload", "save_adapter",
-    "set_active_adapters", "unmerge_adapters",
+    "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterError", "AdapterLayer", "adapter_modules", "adapter_names",
+    "adapter_specs", "adapter_state_dict", "check_adapter_name", "disabled", "load_adapter", "merge_adapters",
+    "merge_and_unload", "parameters_of", "replace_module", "save_adapter", "set_active_adapters", "train_only",
+    "unmerge_adapters",
 ]  # fmt: skip

@@ -378,6 +378,10 @@ def generate_command(args: Sequence[str]) -> None:
     check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     device = _available_device(cfg.device)
     model, tokenizer = load(cfg.export_dir, device=str(device), trust_code=cfg.trust_code)
+    if cfg.adapter is not None:
+        from lightningllm.adapters import load_adapter
+
+        load_adapter(model, cfg.adapter, trust_code=cfg.trust_code)
     if tokenizer is None:
         raise LightningLLMError(f"The export {cfg.export_dir!r} has no tokenizer, so a text prompt cannot be encoded.")
     _refuse_encoder(model, cfg.export_dir)
@@ -480,6 +484,10 @@ def _generate_parser() -> ArgumentParser:
         "--compile", type=bool, default=False,
         help="Decode each token with the model's compiled one-token step over a static cache (CUDA graphs on a GPU): "
         "faster tokens after a slow first call. Decoders with multi-head attention only.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--adapter", type=str | None, default=None,
+        help="An adapter folder (lightningllm.adapters.save_adapter) to apply to the export before generating.",
     )  # fmt: skip
     parser.add_argument(
         "--template", type=str | None, default=None,

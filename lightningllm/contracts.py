@@ -401,6 +401,23 @@ class Adapter(Transform):
 
     #: the adapter's name in its modules' ``ModuleDict`` s (several adapters may live on one model)
     name: str = "default"
+    #: {our parameter name relative to a wrapper, ``{name}`` for the adapter's name: Hugging Face PEFT's name}
+    #: for the adapters PEFT also has (``{"lora_A.{name}.weight": "lora_A.weight"}``); empty: none
+    peft_keys: dict[str, str] = {}
+
+    def peft_config(self, layers: dict[str, str]) -> dict:
+        """This adapter as a Hugging Face PEFT ``adapter_config.json`` (``lightningllm.convert.peft``).
+
+        Args:
+            layers: {our module name: its Hugging Face module name} of the layers this adapter wraps.
+
+        Raises:
+            ConfigError: PEFT has no equivalent of this adapter (the default; the reason is named).
+        """
+        raise ConfigError(
+            f"{type(self).__name__} has no Hugging Face PEFT equivalent that lightningllm writes; save it in "
+            "lightningllm's own adapter format (save_adapter without format='peft')."
+        )
 
 
 class AdapterModule(nn.Module):

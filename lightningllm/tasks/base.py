@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -14,7 +15,9 @@ from lightningllm import registry
 from lightningllm.checks import build_optimizer, check_int, check_number
 from lightningllm.contracts import prepare_distributed
 from lightningllm.strategies import prepare_blocks
-from lightningllm.tasks.optim import Schedule, param_groups, warmup_then_decay
+from lightningllm.tasks.optim import Schedule, param_groups, trainable_summary, warmup_then_decay
+
+log = logging.getLogger(__name__)
 
 
 class LossTerm(Protocol):
@@ -35,7 +38,9 @@ class TrainingTask(L.LightningModule):
     A task keeps its own explicit ``__init__`` signature (what LightningCLI and ``--help`` read) and
     hands the shared arguments to :meth:`init_training`. The base then provides:
 
-    - ``configure_model``: plugins that shard over ranks split first (expert parallelism, through
+    - ``configure_model``: when fitting starts, the count and share of trainable parameters is logged
+      (:func:`~lightningllm.tasks.optim.trainable_summary`, before anything is sharded); plugins that
+      shard over ranks split first (expert parallelism, through
       :func:`~lightningllm.contracts.prepare_distributed`), then blocks are compiled and/or
       checkpointed (:func:`~lightningllm.strategies.prepare_blocks`);
     - ``configure_optimizers``: the optimizer over :func:`~lightningllm.tasks.optim.param_groups`
@@ -81,6 +86,8 @@ class TrainingTask(L.LightningModule):
             model.replace_head(registry.get("head", head), reason=f"{task} needs logits over the vocabulary")
 
     def configure_model(self) -> None:
+        if self._trainer is not None and self.trainer.state.fn == "fit" and self.trainer.is_global_zero:
+            log.info("%s: %s", type(self).__name__, trainable_summary(self.model))  # before sharding: global counts
         prepare_distributed(self)  # before DDP wraps the module and the optimizer sees the parameters
         prepare_blocks(self.model, activation_checkpointing=self.activation_checkpointing, compile=self.compile_blocks)
 

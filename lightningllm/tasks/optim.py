@@ -1,4 +1,4 @@
-"""Optimizer parameter groups and learning-rate schedules shared by the tasks."""
+"""Optimizer parameter groups, learning-rate schedules and the trainable-parameter count shared by the tasks."""
 
 from __future__ import annotations
 
@@ -24,6 +24,15 @@ def param_groups(model: nn.Module) -> list[dict]:
             continue
         (no_decay if param.ndim < 2 or id(param) in embeddings else decay).append(param)
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """One line: how many of ``model``'s parameters train, e.g. ``trainable 12,288 of 1,234,567 parameters
+    (1.00%)``. A tensor held by several modules (a tied head) counts once."""
+    params = list(model.parameters())  # unique tensors
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
 
 
 def warmup_then_decay(

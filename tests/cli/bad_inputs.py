@@ -58,6 +58,12 @@ METER, RM = ("--judge", "MeterJudge"), ("--judge", "RewardModelJudge", "--judge.
 LM = ("--judge", "LanguageModelJudge", "--judge.export_dir", "{export}")
 MODEL = "--model.init_args.model.init_args"
 
+
+def transforms(spec: str) -> str:
+    """The flag that gives the model ``[spec]`` as its transforms (braces kept from the placeholder formatting)."""
+    return f"{MODEL}.transforms=[{spec}]".replace("{", "{{").replace("}", "}}")
+
+
 CASES: list[Case] = [
     # --- parser: malformed flags and files ---------------------------------------------------------
     case("max-steps-not-int", *FIT, "--trainer.max_steps=abc", expect="abc"),
@@ -152,6 +158,39 @@ CASES: list[Case] = [
     ),
     case("stride-zero", *FIT, "--data.stride=0", expect="stride"),
     case("val-documents-zero", *FIT, "--data.val_documents=0", expect="val_documents"),
+    # --- adapters ----------------------------------------------------------------------------------
+    case("lora-targets-absent", *FIT, transforms("{class_path: LoRA, init_args: {targets: [w_qkv]}}"), expect="w_qkv"),
+    case("ia3-targets-absent", *FIT, transforms("{class_path: IA3, init_args: {targets: [w_qkv]}}"), expect="w_qkv"),
+    case("lora-rank-above-width", *FIT, transforms("{class_path: LoRA, init_args: {rank: 64}}"), expect="rank 64"),
+    case("lora-init-unknown", *FIT, transforms("{class_path: LoRA, init_args: {init: svd}}"), expect="svd"),
+    case("dora-pissa", *FIT, transforms("{class_path: DoRA, init_args: {init: pissa}}"), expect="pissa"),
+    case(
+        "prefix-tuning-on-linear-attention",
+        *FIT,
+        "--model.model.attention=LinearAttention",
+        transforms("{class_path: PrefixTuning}"),
+        expect="LinearAttention",
+    ),  # fmt: skip
+    case(
+        "adapter-for-another-base",
+        "generate",
+        "{export}",
+        "--prompt",
+        "hi",
+        "--adapter",
+        "{adapter_wide}",
+        expect="another base",
+    ),  # fmt: skip
+    case(
+        "adapter-folder-missing",
+        "generate",
+        "{export}",
+        "--prompt",
+        "hi",
+        "--adapter",
+        "{tmp}/no_adapter",
+        expect="no_adapter",
+    ),  # fmt: skip
     # --- estimate ----------------------------------------------------------------------------------
     case("estimate-negative-memory", *EST, "--device_memory_gib=-1", expect="device_memory_gib"),
     case("estimate-memory-not-number", *EST, "--device_memory_gib=lots", expect="lots"),
@@ -247,6 +286,7 @@ def workspace(root: Path) -> dict[str, str]:
     paths["user_files"] = _write(root / "user_files" / "notes.txt", "mine").parent
     paths.update(_hf_folders(root))
     paths.update(_exports(root))
+    paths["adapter_wide"] = _adapter_for_another_base(root)
     return {name: str(path) for name, path in paths.items()}
 
 
@@ -333,6 +373,19 @@ def _exports(root: Path) -> dict[str, Path]:
             (target / damage[0]).write_bytes(damage[1])
         exports[name] = target
     return exports
+
+
+def _adapter_for_another_base(root: Path) -> Path:
+    """A LoRA adapter folder saved from a wider base (dim 48) than the tiny export's (dim 32)."""
+    from conftest import build_decoder
+
+    from lightningllm.adapters import save_adapter
+    from lightningllm.registry import get
+
+    folder = root / "adapter_wide"
+    if not folder.exists():
+        save_adapter(build_decoder(dim=48, n_layers=1, transforms=[get("adapter", "LoRA")(rank=2)]), folder)
+    return folder
 
 
 @dataclass

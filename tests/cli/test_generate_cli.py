@@ -165,3 +165,31 @@ def test_compile_on_an_encoder_decoder_is_refused(tmp_path, capsys):
            tokenizer=tokenizer)  # fmt: skip
     err = fail(["generate", str(tmp_path / "t5"), "--prompt", "to", "--compile", "true"], capsys)
     assert "Decode it without compile" in err
+
+
+def test_adapter_folder_applies_before_generating(tmp_path, decoder_factory, capsys):
+    from lightningllm.adapters import adapter_state_dict, save_adapter
+    from lightningllm.io import load
+    from lightningllm_plugins.adapter.lora import LoRA
+
+    tokenizer = char_tokenizer()
+    torch.manual_seed(0)
+    model = decoder_factory(vocab_size=tokenizer.vocab_size, tie_embeddings=False, max_seq_len=32).eval()
+    export(model, tmp_path / "export", tokenizer=tokenizer)
+    model.apply_transform(LoRA(rank=2, targets=["q_proj", "v_proj", "head"]))
+    with torch.no_grad():
+        for name, param in adapter_state_dict(model).items():
+            if ".lora_B." in name:
+                param.normal_(0, 1.0)
+    save_adapter(model, tmp_path / "adapter")
+    args = ["generate", str(tmp_path / "export"), "--prompt", "to", "--temperature", "0", "--max_new_tokens", "8",
+            "--device", "cpu"]  # fmt: skip
+    main([*args, "--adapter", str(tmp_path / "adapter")])
+    adapted = capsys.readouterr().out
+    main(args)
+    plain = capsys.readouterr().out
+    _, tok = load(tmp_path / "export")
+    start = torch.tensor([[tok.bos_id, *tok.encode("to")]])
+    expected = generate(model, start, 8, temperature=0.0, eos_id=tok.eos_id)[0, start.shape[1] :].tolist()
+    assert adapted == "to" + tok.decode([t for t in expected if t != tok.eos_id]) + "\n"
+    assert adapted != plain

@@ -16,8 +16,15 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from lightningllm.adapters import AdapterError
-from lightningllm.contracts import Adapter, AdapterModule, Block
+from lightningllm.adapters import (
+    AdapterError,
+    AdapterLayer,
+    check_adapter_name,
+    parameters_of,
+    replace_module,
+    train_only,
+)
+from lightningllm.contracts import Adapter, Block
 from lightningllm.errors import ConfigError
 from lightningllm.registry import register
 from lightningllm_plugins.ffn.mlp import ACTIVATIONS
@@ -48,7 +55,7 @@ class BottleneckUp(nn.Linear):
         nn.init.zeros_(self.bias)
 
 
-class BottleneckLinear(AdapterModule):
+class BottleneckLinear(AdapterLayer):
     """``h = base_layer(x)``, then ``h = h + up(act(down(h)))`` for each active adapter in turn.
 
     Several adapters compose in sequence (AdapterHub's ``Stack``), in the order they were added.
@@ -59,16 +66,10 @@ class BottleneckLinear(AdapterModule):
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.adapter_down = nn.ModuleDict()
         self.adapter_up = nn.ModuleDict()
         self.adapter_act = nn.ModuleDict()
-        self.enabled, self.active, self.merged = True, [], []
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     def add_adapter(self, name: str, width: int, activation: str) -> None:
         """Add adapter ``name`` (down to ``width``, ``activation``, up) beside the others and make it active."""
@@ -112,9 +113,6 @@ class BottleneckLinear(AdapterModule):
     def unmerge(self) -> None:
         """Nothing is ever merged."""
 
-    def unload(self) -> nn.Module:
-        return self.base_layer
-
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names()}, active={self.active}"
 
@@ -151,17 +149,13 @@ class Bottleneck(Adapter):
         widths = {name: self._width(name, layer) for name, layer in targets}
         wrappers = []
         for name, layer in targets:
-            wrapper = layer if isinstance(layer, BottleneckLinear) else _wrap(model, name, layer)
+            is_wrapper = isinstance(layer, BottleneckLinear)
+            wrapper = layer if is_wrapper else replace_module(model, name, BottleneckLinear(layer))
             wrapper.add_adapter(self.name, widths[name], self.activation)
             wrappers.append(wrapper)
-        mine = {id(wrapper.get_parameter(p)) for wrapper in wrappers for p in wrapper.adapter_params(self.name)}
-        for param in model.parameters():
-            param.requires_grad_(id(param) in mine)
-        total = sum(p.numel() for p in model.parameters())
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("Bottleneck %r (%s, reduction factor %d) on %d layers: %d of %d parameters train (%.3f%%)",
-                 self.name, self.placement, self.reduction_factor, len(targets), trainable, total,
-                 100 * trainable / total)  # fmt: skip
+        trainable = train_only(model, parameters_of(wrappers, self.name))
+        log.info("Bottleneck %r (%s, reduction factor %d) on %d layers: %s", self.name, self.placement,
+                 self.reduction_factor, len(targets), trainable)  # fmt: skip
 
     def _targets(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         blocks = [(name, module) for name, module in model.named_modules() if isinstance(module, Block)]
@@ -218,12 +212,4 @@ def _check_options(reduction_factor: int, placement: str, activation: str, name:
         raise ConfigError(
             f"Bottleneck activation={activation!r} is not an activation: choose one of {', '.join(ACTIVATIONS)}."
         )
-    if not name or "." in name:
-        raise ConfigError(f"Bottleneck name={name!r} must be a non-empty name without dots (it is a ModuleDict key).")
-
-
-def _wrap(model: nn.Module, name: str, layer: nn.Module) -> BottleneckLinear:
-    parent_name, _, child = name.rpartition(".")
-    wrapper = BottleneckLinear(layer)
-    setattr(model.get_submodule(parent_name), child, wrapper)
-    return wrapper
+    check_adapter_name("Bottleneck", name)

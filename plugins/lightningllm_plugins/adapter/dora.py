@@ -135,12 +135,23 @@ class DoRA(LoRA):
 
     layer_class = DoRALinear
     head_class = DoRAHead
+    peft_keys = {**LoRA.peft_keys, "lora_magnitude_vector.{name}.weight": "lora_magnitude_vector"}
+
+    def peft_config(self, layers: dict[str, str]) -> dict:
+        """PEFT's ``LoraConfig`` with ``use_dora``."""
+        return {**super().peft_config(layers), "use_dora": True}
 
     def _add_to(self, wrapper: LoRALinear) -> None:
         wrapper.add_dora(self.name, self.rank, self.scaling, self.dropout, self.init)
 
     def _check_fits(self, name: str, layer: nn.Module) -> None:
         super()._check_fits(name, layer)
+        if self.init == "pissa":
+            raise ConfigError(
+                "DoRA init='pissa' is not supported: PiSSA leaves a residual in the base weight, and DoRA's magnitude "
+                "is the norm of that base weight, so the two starts disagree. Use LoRA with init='pissa', or DoRA "
+                "with init='kaiming' or 'gaussian'."
+            )
         if isinstance(layer, LoRALinear) and not isinstance(layer, DoRALinear):
             raise ConfigError(
                 f"{name} already holds LoRA adapters ({', '.join(layer.adapter_names())}) in a plain LoRA layer, "

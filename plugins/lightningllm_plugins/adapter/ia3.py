@@ -15,7 +15,14 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from lightningllm.adapters import AdapterError
+from lightningllm.adapters import (
+    AdapterError,
+    AdapterLayer,
+    check_adapter_name,
+    parameters_of,
+    replace_module,
+    train_only,
+)
 from lightningllm.contracts import Adapter, AdapterModule, Head
 from lightningllm.errors import ConfigError
 from lightningllm.registry import register
@@ -37,7 +44,7 @@ class IA3Vector(nn.Module):
         nn.init.ones_(self.weight)
 
 
-class IA3Linear(AdapterModule):
+class IA3Linear(AdapterLayer):
     """``y = base_layer(x * l)`` on a feed-forward layer, ``y = base_layer(x) * l`` otherwise, with ``l`` the
     product of the active adapters' vectors.
 
@@ -47,19 +54,10 @@ class IA3Linear(AdapterModule):
     """
 
     def __init__(self, base_layer: nn.Linear, feedforward: bool) -> None:
-        super().__init__()
-        self.base_layer, self.feedforward = base_layer, feedforward
+        super().__init__(base_layer)
+        self.feedforward = feedforward
         self.ia3_l = nn.ModuleDict()
-        self.enabled, self.active, self.merged = True, [], []
         self.shared_weight = False
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     def add_adapter(self, name: str) -> None:
         """Add adapter ``name`` (a vector of ones) beside the others and make it active."""
@@ -115,9 +113,6 @@ class IA3Linear(AdapterModule):
             while self.merged:
                 self._fold(self.ia3_l[self.merged.pop()].weight, divide=True)
 
-    def unload(self) -> nn.Module:
-        return self.base_layer
-
     def extra_repr(self) -> str:
         return f"feedforward={self.feedforward}, adapters={self.adapter_names()}, merged={self.merged}"
 
@@ -156,6 +151,16 @@ class IA3(Adapter):
         self.targets, self.name = targets, name
         self.feedforward = feedforward if feedforward is not None else ["down_proj"]
 
+    peft_keys = {"ia3_l.{name}.weight": "ia3_l"}
+
+    def peft_config(self, layers: dict[str, str]) -> dict:
+        """PEFT's ``IA3Config`` of this adapter on the Hugging Face modules ``layers`` names."""
+        feedforward = [hf for ours, hf in layers.items() if _matches(ours, self.feedforward)]
+        return {
+            "peft_type": "IA3", "target_modules": sorted(layers.values()), "feedforward_modules": sorted(feedforward),
+            "fan_in_fan_out": False, "init_ia3_weights": True,
+        }  # fmt: skip
+
     def apply(self, model: nn.Module) -> None:
         """Wrap every targeted linear of ``model`` (or add to its wrapper), freeze all but this adapter."""
         layers = self._matching_layers(model)
@@ -166,19 +171,12 @@ class IA3(Adapter):
             wrapper.shared_weight = id(wrapper.base_layer.weight) in shared
             wrapper.add_adapter(self.name)
             wrappers.append(wrapper)
-        mine = {id(wrapper.get_parameter(p)) for wrapper in wrappers for p in wrapper.adapter_params(self.name)}
-        for param in model.parameters():
-            param.requires_grad_(id(param) in mine)
-        total = sum(p.numel() for p in model.parameters())
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("IA3 %r on %d layers: %d of %d parameters train (%.3f%%)", self.name, len(layers), trainable,
-                 total, 100 * trainable / total)  # fmt: skip
+        trainable = train_only(model, parameters_of(wrappers, self.name))
+        log.info("IA3 %r on %d layers: %s", self.name, len(layers), trainable)
 
     def _wrap(self, model: nn.Module, name: str, layer: nn.Linear) -> IA3Linear:
-        parent_name, _, child = name.rpartition(".")
         wrapper = (IA3Head if isinstance(layer, Head) else IA3Linear)(layer, _matches(name, self.feedforward))
-        setattr(model.get_submodule(parent_name), child, wrapper)
-        return wrapper
+        return replace_module(model, name, wrapper)
 
     def _matching_layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         candidates = _linear_layers(model, AdapterModule)
@@ -221,5 +219,4 @@ def _check_options(targets: list[str], feedforward: list[str] | None, name: str)
             f"IA3 feedforward={feedforward!r} names {', '.join(map(repr, stray))}, which is not among the targets "
             f"{targets!r}: the feed-forward layers are the targets whose input is rescaled, so each must be a target."
         )
-    if not name or "." in name:
-        raise ConfigError(f"IA3 name={name!r} must be a non-empty name without dots (it is a ModuleDict key).")
+    check_adapter_name("IA3", name)

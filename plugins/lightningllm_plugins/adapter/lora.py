@@ -4,7 +4,9 @@ Each targeted ``nn.Linear`` is wrapped by a :class:`LoRALinear` that keeps it as
 its adapters by name in ``ModuleDict`` s (``lora_A[name]``, ``lora_B[name]``), as Hugging Face PEFT does,
 so several adapters live on one model, switch, merge and save under the same parameter names as PEFT's.
 rsLoRA (Kalajdzievski, 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA") scales by
-``alpha / sqrt(r)`` instead.
+``alpha / sqrt(r)`` instead. PiSSA (Meng et al., 2024, "PiSSA: Principal Singular Values and Singular Vectors
+Adaptation of Large Language Models") starts ``A`` and ``B`` from the top-r singular triplets of the base weight
+and leaves the residual in the base, so the adapter trains the principal part of the weight.
 """
 
 from __future__ import annotations
@@ -17,20 +19,30 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightningllm.adapters import AdapterError
-from lightningllm.contracts import Adapter, AdapterModule, Head
+from lightningllm.adapters import (
+    AdapterError,
+    AdapterLayer,
+    check_adapter_name,
+    parameters_of,
+    replace_module,
+    train_only,
+)
+from lightningllm.contracts import Adapter, Head
 from lightningllm.errors import ConfigError
 from lightningllm.registry import register
 
 log = logging.getLogger(__name__)
 
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "pissa")
 #: the projections every plugin names alike, and the LM head
 KNOWN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "head")
 
 
 class LoRADown(nn.Linear):
-    """``A`` (rank, in_features): Kaiming-uniform (PEFT's and the LoRA reference code's default) or Normal(0, 1/r)."""
+    """``A`` (rank, in_features): Kaiming-uniform (PEFT's and the LoRA reference code's default) or Normal(0, 1/r).
+
+    A PiSSA adapter gets its A from the base weight when it is added; materialised from the meta device without
+    a weight to decompose, it starts as Kaiming-uniform (B zero: no change)."""
 
     def __init__(self, in_features: int, rank: int, init: str, **tensor_kwargs) -> None:
         self.init = init
@@ -54,7 +66,7 @@ class LoRAUp(nn.Linear):
         nn.init.zeros_(self.weight)
 
 
-class LoRALinear(AdapterModule):
+class LoRALinear(AdapterLayer):
     """``y = base_layer(x) + sum over active adapters of scaling * B A dropout(x)``.
 
     Args:
@@ -62,22 +74,12 @@ class LoRALinear(AdapterModule):
     """
 
     def __init__(self, base_layer: nn.Linear) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
-        self.enabled, self.active, self.merged = True, [], []
         self.shared_weight = False  # the base weight is also another module's (a head tied to the embedding)
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     def add_adapter(self, name: str, rank: int, scaling: float, dropout: float, init: str) -> None:
         """Add adapter ``name`` (A, B, dropout, scaling) beside the others and make it active."""
@@ -87,6 +89,34 @@ class LoRALinear(AdapterModule):
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = scaling
         self.active.append(name)
+        if init == "pissa":
+            self.pissa_init(name)
+
+    def pissa_init(self, name: str) -> None:
+        """PiSSA: with ``W = U S V^T`` (out, in), ``B = U_r sqrt(S_r / s)``, ``A = sqrt(S_r / s) V_r^T`` and the base
+        weight becomes the residual ``W - s B A``, so the layer computes what it did (up to rounding).
+
+        The product ``B A`` does not depend on the signs the SVD picks, so the residual is the same on every
+        machine: an adapter-only folder rebuilds it from the base it was trained on.
+        """
+        weight = self.base_layer.weight
+        if weight.is_meta:  # a structural build (estimate, conversion, FSDP): the start weights come later
+            return
+        if self.shared_weight or not weight.is_floating_point():
+            why = "it is shared with another module (a head tied to the token embedding)" if self.shared_weight else (
+                f"it is {weight.dtype}, not a float")  # fmt: skip
+            raise ConfigError(
+                "LoRA init='pissa' replaces the base weight by its residual after the top-r singular values, but "
+                f"this layer's weight cannot be rewritten: {why}. Use init='kaiming' here, or target other layers."
+            )
+        rank, scaling = self.lora_A[name].out_features, self.scaling[name]
+        with torch.no_grad():
+            u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)  # (out, k), (k,), (k, in)
+            root = (s[:rank] / scaling).sqrt()  # (r,)
+            self.lora_A[name].weight.copy_(root[:, None] * vh[:rank])  # (r, in)
+            self.lora_B[name].weight.copy_(u[:, :rank] * root)  # (out, r)
+            residual = weight.float() - scaling * self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()
+            weight.copy_(residual.to(weight.dtype))
 
     def adapter_names(self) -> list[str]:
         return list(self.lora_A)
@@ -133,9 +163,6 @@ class LoRALinear(AdapterModule):
             while self.merged:
                 self.base_layer.weight.sub_(self.delta_weight(self.merged.pop()).to(self.base_layer.weight.dtype))
 
-    def unload(self) -> nn.Module:
-        return self.base_layer
-
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names()}, active={self.active}, merged={self.merged}"
 
@@ -159,13 +186,17 @@ class LoRA(Adapter):
             ``head``), a shell glob matches the full name (``blocks.0.*.q_proj``).
         dropout: dropout on the adapter's input.
         rslora: scale by alpha / sqrt(r) (rank-stabilised LoRA).
-        init: ``kaiming`` (uniform A) or ``gaussian`` (A ~ Normal(0, 1/r)); B starts at zero either way.
+        init: ``kaiming`` (uniform A) or ``gaussian`` (A ~ Normal(0, 1/r)), B zero; or ``pissa``: A and B from the
+            top-r singular vectors and values of the base weight, which keeps the residual (PEFT's
+            ``init_lora_weights="pissa"``). With PiSSA, disabling the adapter leaves the residual model, not the
+            base, and the export holds the residual base weights.
         name: the adapter's name; another LoRA with another name adds a second adapter to the same layers.
     """
 
     #: the wrappers this adapter puts around a plain linear and a linear head (a subclass may bring its own)
     layer_class: type[LoRALinear] = LoRALinear
     head_class: type[LoRALinear] = LoRAHead
+    peft_keys = {"lora_A.{name}.weight": "lora_A.weight", "lora_B.{name}.weight": "lora_B.weight"}
 
     def __init__(
         self,
@@ -174,7 +205,7 @@ class LoRA(Adapter):
         targets: list[str] | None = None,
         dropout: float = 0.0,
         rslora: bool = False,
-        init: Literal["kaiming", "gaussian"] = "kaiming",
+        init: Literal["kaiming", "gaussian", "pissa"] = "kaiming",
         name: str = "default",
     ) -> None:
         targets = list(targets) if targets is not None else ["q_proj", "v_proj"]
@@ -189,6 +220,18 @@ class LoRA(Adapter):
         """alpha / r, or alpha / sqrt(r) with rslora."""
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
+    def peft_config(self, layers: dict[str, str]) -> dict:
+        """PEFT's ``LoraConfig`` of this adapter on the Hugging Face modules ``layers`` names."""
+        if self.init == "pissa":
+            raise ConfigError(
+                "A LoRA with init='pissa' has changed its base weights (they hold the residual), so its A and B alone "
+                "do not adapt the original Hugging Face model. Merge it (lightningllm.adapters.merge_and_unload) and "
+                "convert the whole model with to_hf instead."
+            )
+        return {"peft_type": "LORA", "r": self.rank, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
+                "use_rslora": self.rslora, "use_dora": False, "init_lora_weights": True, "bias": "none",
+                "fan_in_fan_out": False, "target_modules": sorted(layers.values())}  # fmt: skip
+
     def apply(self, model: nn.Module) -> None:
         """Wrap every targeted linear of ``model`` (or add to its wrapper), freeze all but this adapter."""
         layers = self._matching_layers(model)
@@ -201,19 +244,11 @@ class LoRA(Adapter):
             wrapper.shared_weight = id(wrapper.base_layer.weight) in shared
             self._add_to(wrapper)
             wrappers.append(wrapper)
-        mine = {id(wrapper.get_parameter(p)) for wrapper in wrappers for p in wrapper.adapter_params(self.name)}
-        for param in model.parameters():
-            param.requires_grad_(id(param) in mine)
-        total = sum(p.numel() for p in model.parameters())
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("%s %r (rank %d, alpha %g) on %d layers: %d of %d parameters train (%.3f%%)", type(self).__name__,
-                 self.name, self.rank, self.alpha, len(layers), trainable, total, 100 * trainable / total)  # fmt: skip
+        log.info("%s %r (rank %d, alpha %g) on %d layers: %s", type(self).__name__, self.name, self.rank, self.alpha,
+                 len(layers), train_only(model, parameters_of(wrappers, self.name)))  # fmt: skip
 
     def _wrap(self, model: nn.Module, name: str, layer: nn.Linear) -> LoRALinear:
-        parent_name, _, child = name.rpartition(".")
-        wrapper = (self.head_class if isinstance(layer, Head) else self.layer_class)(layer)
-        setattr(model.get_submodule(parent_name), child, wrapper)
-        return wrapper
+        return replace_module(model, name, (self.head_class if isinstance(layer, Head) else self.layer_class)(layer))
 
     def _add_to(self, wrapper: LoRALinear) -> None:
         wrapper.add_adapter(self.name, self.rank, self.scaling, self.dropout, self.init)
@@ -260,8 +295,7 @@ def _check_options(
         raise ConfigError(f"{kind} dropout={dropout!r} must be in [0, 1).")
     if init not in INITS:
         raise ConfigError(f"{kind} init={init!r} is not an initialisation: choose one of {', '.join(INITS)}.")
-    if not name or "." in name:
-        raise ConfigError(f"{kind} name={name!r} must be a non-empty name without dots (it is a ModuleDict key).")
+    check_adapter_name(kind, name)
 
 
 def _linear_layers(model: nn.Module, wrapper: type[nn.Module] | None = None) -> list[tuple[str, nn.Module]]:

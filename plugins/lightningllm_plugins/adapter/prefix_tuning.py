@@ -6,8 +6,12 @@ the wrapper hands the attention a cache already holding the prefix keys/values (
 while training, or the generation cache filled with them), so any attention plugin that caches keys and values
 (:class:`~lightningllm.cache.KVCache`) takes a prefix unchanged; the model shifts the tokens' positions and
 widens the mask by ``n`` (:func:`lightningllm.models.base.add_virtual_tokens`), as PEFT does with its
-``past_key_values``. Attention plugins without keys and values to prepend (LinearAttention's running state,
-MultiHeadLatentAttention's latent cache) are refused by name.
+``past_key_values``. The prefix takes the form of what the attention caches per token (:func:`cache_form`):
+keys and values for multi-head attention, and for MultiHeadLatentAttention (whose
+:class:`~lightningllm_plugins.attention.latent.LatentCache` holds a key/value latent and a shared rotated rope
+key per token) ``n`` learned latents and rope keys, which the attention up-projects to per-head keys and
+values like its tokens' (so its absorbed decoding form applies to the prefix too). Attention plugins without
+keys and values to prepend (LinearAttention's running state) are refused by name.
 
 The optional reparametrisation computes each layer's keys and values from ``n`` embeddings through a
 ``Linear -> tanh -> Linear`` MLP (Li & Liang's stabilisation), one MLP per layer.
@@ -16,16 +20,19 @@ The optional reparametrisation computes each layer's keys and values from ``n`` 
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from lightningllm.adapters import AdapterError
+from lightningllm.adapters import AdapterError, check_adapter_name, parameters_of, train_only
 from lightningllm.cache import KVCache
 from lightningllm.contracts import Adapter, AdapterModule, Attention, Position
 from lightningllm.errors import ConfigError
 from lightningllm.mask import AttentionMask
 from lightningllm.registry import register
+from lightningllm_plugins.attention.latent import LatentCache
 
 log = logging.getLogger(__name__)
 
@@ -52,26 +59,80 @@ class PrefixCache(KVCache):
         return self.k, self.v
 
 
-class Prefix(nn.Module):
-    """One adapter's keys and values (Hkv, n, hd) each: learned directly (Normal(0, 1), PEFT's init) or through
-    the reparametrisation MLP from ``n`` embeddings (dim)."""
+class PrefixLatentCache(LatentCache):
+    """A latent cache that starts with the prefix latents and rope keys and grows by concatenation.
 
-    def __init__(self, n_tokens: int, n_kv_heads: int, head_dim: int, dim: int, hidden: int | None, **like) -> None:
+    Args:
+        c_kv: (B, n, kv_lora_rank), k_rope: (B, n, rope_head_dim) the prefix.
+    """
+
+    def __init__(self, c_kv: Tensor, k_rope: Tensor) -> None:
+        nn.Module.__init__(self)
+        self.c_kv, self.k_rope, self.length = c_kv, k_rope, c_kv.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.c_kv.shape[1]
+
+    def update(self, c_kv: Tensor, k_rope: Tensor) -> tuple[Tensor, Tensor]:
+        """c_kv (B, T, r), k_rope (B, T, rope) -> everything so far, (B, n + T, r) and (B, n + T, rope)."""
+        self.c_kv = torch.cat([self.c_kv, c_kv.to(self.c_kv.dtype)], 1)
+        self.k_rope = torch.cat([self.k_rope, k_rope.to(self.k_rope.dtype)], 1)
+        self.length = self.c_kv.shape[1]
+        return self.c_kv, self.k_rope
+
+
+@dataclass(frozen=True)
+class CacheForm:
+    """What an attention plugin caches per token, so a prefix can be learned in that form.
+
+    Args:
+        cache: the growing cache that starts with the prefix while training (no generation cache given).
+        shapes: {parameter name: the shape of one token's entry}, in the order ``cache.update`` takes them.
+        token_dim: where the token axis goes in an unbatched entry ((Hkv, n, hd): 1; (n, r): 0).
+    """
+
+    cache: type[nn.Module]
+    shapes: dict[str, tuple[int, ...]]
+    token_dim: int
+
+
+def cache_form(attention: nn.Module) -> CacheForm | None:
+    """The form of ``attention``'s cache: keys and values (KVCache), a latent and rope key (MLA), or None."""
+    cache = attention.make_cache(1, 1, device="meta")
+    if type(cache) is KVCache and hasattr(attention, "k_proj"):
+        head = (attention.n_kv_heads, attention.head_dim)
+        return CacheForm(PrefixCache, {"keys": head, "values": head}, token_dim=1)
+    if type(cache) is LatentCache:
+        shapes = {"latents": (attention.kv_lora_rank,), "rope_keys": (attention.rope_head_dim,)}
+        return CacheForm(PrefixLatentCache, shapes, token_dim=0)
+    return None
+
+
+class Prefix(nn.Module):
+    """One adapter's ``n`` cache entries in the attention's form (keys and values (Hkv, n, hd) each, or latents
+    (n, r) and rope keys (n, rope)): learned directly (Normal(0, 1), PEFT's init) or through the reparametrisation
+    MLP from ``n`` embeddings (dim)."""
+
+    def __init__(self, n_tokens: int, form: CacheForm, dim: int, hidden: int | None, **like) -> None:
         super().__init__()
-        self.n_tokens, self.n_kv_heads, self.head_dim = n_tokens, n_kv_heads, head_dim
-        width = n_kv_heads * head_dim
+        self.n_tokens, self.form = n_tokens, form
+        self.names = list(form.shapes)
         if hidden is None:
-            self.keys = nn.Parameter(torch.empty(n_kv_heads, n_tokens, head_dim, **like))
-            self.values = nn.Parameter(torch.empty(n_kv_heads, n_tokens, head_dim, **like))
+            for name, shape in form.shapes.items():
+                shape = (*shape[: form.token_dim], n_tokens, *shape[form.token_dim :])
+                self.register_parameter(name, nn.Parameter(torch.empty(shape, **like)))
             self.embedding, self.mlp = None, None
         else:
+            width = sum(math.prod(shape) for shape in form.shapes.values())
             self.embedding = nn.Parameter(torch.empty(n_tokens, dim, **like))
-            self.mlp = nn.Sequential(nn.Linear(dim, hidden, **like), nn.Tanh(), nn.Linear(hidden, 2 * width, **like))
+            self.mlp = nn.Sequential(nn.Linear(dim, hidden, **like), nn.Tanh(), nn.Linear(hidden, width, **like))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
-            for param in (self.keys, self.values) if self.mlp is None else (self.embedding,):
+            direct = [getattr(self, name) for name in self.names] if self.mlp is None else [self.embedding]
+            for param in direct:
                 if not param.is_meta:
                     nn.init.normal_(param)
             if self.mlp is not None:
@@ -79,12 +140,13 @@ class Prefix(nn.Module):
                     if not layer.weight.is_meta:
                         layer.reset_parameters()
 
-    def forward(self) -> tuple[Tensor, Tensor]:
-        """The prefix keys and values, (Hkv, n, hd) each."""
+    def forward(self) -> list[Tensor]:
+        """The prefix entries in the order of ``form.shapes``, unbatched (e.g. keys and values (Hkv, n, hd))."""
         if self.mlp is None:
-            return self.keys, self.values
-        kv = self.mlp(self.embedding).view(self.n_tokens, 2, self.n_kv_heads, self.head_dim)  # (n, 2, Hkv, hd)
-        return kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1)
+            return [getattr(self, name) for name in self.names]
+        shapes = list(self.form.shapes.values())
+        flat = self.mlp(self.embedding).split([math.prod(shape) for shape in shapes], -1)  # (n, width) each
+        return [f.view(self.n_tokens, *shape).movedim(0, self.form.token_dim) for f, shape in zip(flat, shapes)]
 
 
 class PrefixAttention(AdapterModule, Attention):
@@ -101,10 +163,10 @@ class PrefixAttention(AdapterModule, Attention):
         self.enabled, self.active, self.merged = True, [], []
 
     def add_adapter(self, name: str, n_tokens: int, dim: int, hidden: int | None) -> None:
-        """Add ``n_tokens`` keys/values under ``name`` and make them active."""
-        base = self.base_layer
-        like = {"device": base.k_proj.weight.device, "dtype": base.k_proj.weight.dtype}
-        self.prefix[name] = Prefix(n_tokens, base.n_kv_heads, base.head_dim, dim, hidden, **like)
+        """Add ``n_tokens`` cache entries (keys/values, or latents) under ``name`` and make them active."""
+        weight = next(self.base_layer.parameters())
+        like = {"device": weight.device, "dtype": weight.dtype}
+        self.prefix[name] = Prefix(n_tokens, cache_form(self.base_layer), dim, hidden, **like)
         self.active.append(name)
 
     def adapter_names(self) -> list[str]:
@@ -119,11 +181,13 @@ class PrefixAttention(AdapterModule, Attention):
             return 0
         return sum(self.prefix[name].n_tokens for name in self.active)
 
-    def prefix_keys_values(self, batch_size: int) -> tuple[Tensor, Tensor]:
-        """The active prefixes in order, expanded over the batch: (B, Hkv, n, hd) each."""
-        pairs = [self.prefix[name]() for name in self.active]
-        k, v = torch.cat([k for k, _ in pairs], 1), torch.cat([v for _, v in pairs], 1)
-        return k[None].expand(batch_size, -1, -1, -1), v[None].expand(batch_size, -1, -1, -1)
+    def prefix_entries(self, batch_size: int) -> list[Tensor]:
+        """The active prefixes in order, expanded over the batch in the cache's form: keys and values
+        (B, Hkv, n, hd), or latents (B, n, r) and rope keys (B, n, rope)."""
+        prefixes = [self.prefix[name]() for name in self.active]
+        token_dim = self.prefix[self.active[0]].form.token_dim
+        entries = [torch.cat(parts, token_dim) for parts in zip(*prefixes)]
+        return [entry[None].expand(batch_size, *entry.shape) for entry in entries]
 
     def forward(
         self,
@@ -138,11 +202,12 @@ class PrefixAttention(AdapterModule, Attention):
     ) -> Tensor:
         """x: (B, T, dim) -> (B, T, dim); the model has shifted ``positions`` and widened ``mask`` by the prefix."""
         if self.prefix_length() and context is None and (cache is None or cache.length == 0):
-            k, v = self.prefix_keys_values(x.shape[0])  # (B, Hkv, n, hd) each
+            entries = self.prefix_entries(x.shape[0])  # e.g. keys and values (B, Hkv, n, hd)
             if cache is None:
-                cache = PrefixCache(k, v)
+                cache = self.prefix[self.active[0]].form.cache(*entries)
             else:
-                cache.update(k.to(cache.k.dtype), v.to(cache.v.dtype))
+                dtype = next(cache.buffers()).dtype
+                cache.update(*(entry.to(dtype) for entry in entries))
         return self.base_layer(x, position=position, positions=positions, mask=mask, cache=cache, context=context,
                                **kwargs)  # fmt: skip
 
@@ -201,19 +266,13 @@ class PrefixTuning(Adapter):
         for i, blk in enumerate(model.blocks):
             self._check_fits(i, blk.attention)
         hidden = (self.hidden or model.dim) if self.reparametrize else None
-        mine = set()
         for blk in model.blocks:
             if not isinstance(blk.attention, PrefixAttention):
                 blk.attention = PrefixAttention(blk.attention)
             blk.attention.add_adapter(self.name, self.n_tokens, model.dim, hidden)
-            mine |= {id(p) for p in blk.attention.prefix[self.name].parameters()}
-        for param in model.parameters():
-            param.requires_grad_(id(param) in mine)
-        total = sum(p.numel() for p in model.parameters())
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("PrefixTuning %r (%d keys/values per layer%s) on %d layers: %d of %d parameters train (%.3f%%)",
-                 self.name, self.n_tokens, ", reparametrized" if hidden else "", len(model.blocks), trainable, total,
-                 100 * trainable / total)  # fmt: skip
+        trainable = train_only(model, parameters_of([blk.attention for blk in model.blocks], self.name))
+        log.info("PrefixTuning %r (%d keys/values per layer%s) on %d layers: %s", self.name, self.n_tokens,
+                 ", reparametrized" if hidden else "", len(model.blocks), trainable)  # fmt: skip
 
     def _check_fits(self, i: int, attention: nn.Module) -> None:
         if isinstance(attention, PrefixAttention):
@@ -223,13 +282,13 @@ class PrefixTuning(Adapter):
                     f"another name (name: ...). It holds: {', '.join(attention.adapter_names())}."
                 )
             return
-        cache = attention.make_cache(1, 1, device="meta")
-        if type(cache) is not KVCache or not hasattr(attention, "k_proj"):
+        if cache_form(attention) is None:
+            cache = attention.make_cache(1, 1, device="meta")
             raise ConfigError(
                 f"PrefixTuning prepends keys and values, but the attention plugin {type(attention).__name__} of "
                 f"blocks.{i} caches {type(cache).__name__}, not keys and values (LinearAttention keeps a running "
-                "state, MultiHeadLatentAttention a latent). Use it with MultiHeadAttention or SlidingWindowAttention, "
-                "or pick LoRA / prompt tuning for this model."
+                "state). Use it with MultiHeadAttention, SlidingWindowAttention or MultiHeadLatentAttention, or pick "
+                "LoRA / prompt tuning for this model."
             )
 
 
@@ -238,5 +297,4 @@ def _check_options(n_tokens: int, hidden: int | None, name: str) -> None:
         raise ConfigError(f"PrefixTuning n_tokens={n_tokens!r} is not a positive integer: give e.g. 20 keys/values.")
     if hidden is not None and (not isinstance(hidden, int) or isinstance(hidden, bool) or hidden <= 0):
         raise ConfigError(f"PrefixTuning hidden={hidden!r} must be None (the model's dim) or a positive integer.")
-    if not name or "." in name:
-        raise ConfigError(f"PrefixTuning name={name!r} must be a non-empty name without dots (a ModuleDict key).")
+    check_adapter_name("PrefixTuning", name)

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightningllm.adapters import AdapterError
+from lightningllm.adapters import AdapterError, check_adapter_name, parameters_of, train_only
 from lightningllm.contracts import Adapter, AdapterModule
 from lightningllm.errors import ConfigError
 from lightningllm.registry import register
@@ -158,13 +158,8 @@ class PromptTuning(Adapter):
             embed = PromptEmbedding(embed)
             model.embed = embed
         embed.add_adapter(self.name, self.n_tokens, ids)
-        mine = id(embed.prompt[self.name].weight)
-        for param in model.parameters():
-            param.requires_grad_(id(param) == mine)
-        total = sum(p.numel() for p in model.parameters())
-        trainable = embed.prompt[self.name].weight.numel()
-        log.info("PromptTuning %r (%d soft tokens, init %s): %d of %d parameters train (%.3f%%)", self.name,
-                 self.n_tokens, self.init, trainable, total, 100 * trainable / total)  # fmt: skip
+        log.info("PromptTuning %r (%d soft tokens, init %s): %s", self.name, self.n_tokens, self.init,
+                 train_only(model, parameters_of([embed], self.name)))  # fmt: skip
 
     def _ids(self, vocab_size: int) -> list[int] | None:
         if self.init == "random":
@@ -192,5 +187,4 @@ def _check_options(n_tokens: int, init: str, init_ids: list[int] | None, name: s
             f"PromptTuning init={init!r} with init_ids={init_ids!r}: give a non-empty init_ids (token ids, e.g. a "
             "tokenized task description) exactly when init is 'ids'."
         )
-    if not name or "." in name:
-        raise ConfigError(f"PromptTuning name={name!r} must be a non-empty name without dots (a ParameterDict key).")
+    check_adapter_name("PromptTuning", name)

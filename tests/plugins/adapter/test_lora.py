@@ -354,3 +354,103 @@ def test_fsdp_with_lora_trains_on_two_gloo_processes_and_keeps_the_start_weights
         if ".lora_" not in name:
             assert torch.equal(tensor, base[name.replace(".base_layer.", ".")]), f"frozen {name} changed under FSDP"
     assert any(t.any() for n, t in trained.items() if ".lora_B." in n)  # the adapters trained
+
+
+def test_pissa_starts_from_the_top_singular_triplets_and_leaves_the_residual(decoder_factory):
+    base = llama(decoder_factory)
+    model = llama(decoder_factory, transforms=[LoRA(rank=4, alpha=8.0, targets=ALL, init="pissa")])
+    x = ids()
+    torch.testing.assert_close(model(x), base(x), rtol=0, atol=1e-5)  # W_res + s B A = W
+    original = dict(base.named_parameters())
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoRALinear):
+            continue
+        w = original[f"{name}.weight"].detach().double()
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)  # the formula, independently, in float64
+        a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+        signs = torch.sign((a * vh[:4]).sum(1))  # each singular pair may flip its sign
+        torch.testing.assert_close(a, signs[:, None] * (s[:4] / 2.0).sqrt()[:, None] * vh[:4], rtol=0, atol=1e-5)
+        torch.testing.assert_close(b, u[:, :4] * signs * (s[:4] / 2.0).sqrt(), rtol=0, atol=1e-5)
+        residual = torch.linalg.svdvals(layer.base_layer.weight.double())  # the rest of the spectrum
+        torch.testing.assert_close(residual[: len(s) - 4], s[4:], rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match="DoRA init='pissa' is not supported"):
+        from lightningllm_plugins.adapter.dora import DoRA
+
+        llama(decoder_factory, transforms=[DoRA(rank=2, init="pissa")])
+
+
+def test_pissa_trains_and_its_adapter_only_folder_rebuilds_the_residual(decoder_factory, tmp_path):
+    torch.manual_seed(0)
+    model = decoder_factory(vocab_size=16, tie_embeddings=False, transforms=[LoRA(rank=4, targets=ALL, init="pissa")])
+    data = (torch.randint(0, 16, (32, 1)) + torch.arange(9)) % 16
+
+    def loss() -> float:
+        with torch.no_grad():
+            return F.cross_entropy(model(data[:, :-1]).flatten(0, 1), data[:, 1:].flatten()).item()
+
+    start, weights = loss(), base_weights(model)
+    task = CausalLM(model, optimizer=partial(torch.optim.AdamW, lr=2e-2), warmup_steps=1)
+    trainer = L.Trainer(max_steps=12, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(task, DataLoader(data, batch_size=8))
+    model.eval()
+    assert loss() < start - 0.5, (start, loss())
+    assert all(torch.equal(p, weights[n]) for n, p in base_weights(model).items())  # the residual stays frozen
+    save_adapter(model, tmp_path / "adapter")
+    torch.manual_seed(0)
+    fresh = decoder_factory(vocab_size=16, tie_embeddings=False).eval()
+    load_adapter(fresh, tmp_path / "adapter")
+    torch.testing.assert_close(fresh(data), model(data), rtol=0, atol=1e-5)
+
+
+def test_pissa_on_a_converted_llama_matches_peft(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from lightningllm.convert import from_hf
+    from lightningllm.io import load
+
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    from_hf(tmp_path / "hf", tmp_path / "export")
+    ours, _ = load(tmp_path / "export")
+    ours.apply_transform(LoRA(rank=4, alpha=8.0, targets=ALL, init="pissa"))
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    lora_config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa",
+                                  target_modules=[t if t != "head" else "lm_head" for t in ALL])  # fmt: skip
+    theirs = peft.get_peft_model(hf, lora_config).eval()
+    state = theirs.state_dict()
+    for name, tensor in ours.state_dict().items():
+        hf_name = "base_model.model." + (name.replace("head.", "lm_head.", 1) if name.startswith("head.") else
+                  "model.layers." + name.removeprefix("blocks.").replace(".attention.", ".self_attn.")
+                  .replace(".ffn.", ".mlp."))  # fmt: skip
+        if ".lora_" in name:
+            theirs_tensor = state[hf_name].float()
+            sign = torch.sign((theirs_tensor * tensor).sum(1 if ".lora_A." in name else 0, keepdim=True))
+            torch.testing.assert_close(tensor * sign, theirs_tensor, rtol=0, atol=1e-5)
+        elif ".base_layer." in name:  # the residual
+            torch.testing.assert_close(tensor, state[hf_name], rtol=0, atol=1e-5)
+    x = ids(vocab=96)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=x).logits, ours(x), rtol=0, atol=1e-4)
+
+
+def test_an_adapter_folder_naming_foreign_code_loads_only_with_trust_code(decoder_factory, tmp_path):
+    import yaml
+
+    from lightningllm.errors import UnsafeConfigError
+
+    model = llama(decoder_factory, transforms=[LoRA(rank=2)])
+    save_adapter(model, tmp_path / "adapter")
+    config = yaml.safe_load((tmp_path / "adapter" / "adapter.yaml").read_text())
+    config["transforms"][0]["class_path"] = "lightningllm_plugins.adapter.lora.LoRA"  # a plugin module: allowed
+    (tmp_path / "adapter" / "adapter.yaml").write_text(yaml.safe_dump(config))
+    load_adapter(llama(decoder_factory), tmp_path / "adapter")
+    config["transforms"][0]["class_path"] = "tests_foreign_module.Evil"
+    (tmp_path / "adapter" / "adapter.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(UnsafeConfigError, match="tests_foreign_module"):
+        load_adapter(llama(decoder_factory), tmp_path / "adapter")

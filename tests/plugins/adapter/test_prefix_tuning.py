@@ -1,6 +1,6 @@
-"""Prefix tuning: the attention formula with concatenated keys and values (MHA and GQA) as the reference, the
-generation cache, masks, frozen base, disabling, adapter-only weights, the YAML path, bad inputs and refused
-attention plugins, and Hugging Face PEFT as an oracle on a converted Llama."""
+"""Prefix tuning: the attention formula with concatenated keys and values (MHA, GQA, and MLA's up-projected
+latents) as the reference, the generation cache, masks, frozen base, disabling, adapter-only weights, the YAML
+path, bad inputs and refused attention plugins, and Hugging Face PEFT as an oracle on a converted Llama."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from lightningllm.mask import AttentionMask
 from lightningllm.tasks import CausalLM
 from lightningllm_plugins.adapter.prefix_tuning import PrefixAttention, PrefixTuning
 from lightningllm_plugins.adapter.prompt_tuning import PromptTuning
+from lightningllm_plugins.attention.latent import MultiHeadLatentAttention
 
 
 def llama(build, seed=0, n_kv_heads=2, **kwargs):
@@ -47,6 +48,98 @@ def naive_attention(attention, prefix_k, prefix_v, x, position, n):
     visible = torch.cat([torch.ones(T, n, dtype=torch.bool), torch.ones(T, T, dtype=torch.bool).tril()], 1)
     out = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ values  # (B, H, T, hd)
     return out.transpose(1, 2).reshape(B, T, H * hd) @ base.o_proj.weight.T
+
+
+def mla_llama(build, n_kv_heads=None, absorb="decode", **kwargs):
+    """A tiny decoder with multi-head latent attention (latent 12 wide, 4 rope channels) and RoPE."""
+    torch.manual_seed(0)
+    attention = partial(MultiHeadLatentAttention, kv_lora_rank=12, rope_head_dim=4, absorb=absorb)
+    return build(attention=attention, n_kv_heads=n_kv_heads, ffn="SwiGLU", norm="RMSNorm", position="RoPE",
+                 tie_embeddings=False, **kwargs).eval()  # fmt: skip
+
+
+def rotate_half_naive(x, positions, base=10000.0):
+    """RoPE on the last axis of x (..., T, [H,] d) by the rotate-half pairing (i, i + d/2), from the formula."""
+    d = x.shape[-1]
+    theta = positions[:, None].double() * base ** (-2 * torch.arange(d // 2).double() / d)  # (T, d/2)
+    if x.dim() == 4:  # (B, T, H, d)
+        theta = theta[:, None]
+    cos, sin = theta.cos().to(x.dtype), theta.sin().to(x.dtype)
+    a, b = x[..., : d // 2], x[..., d // 2 :]
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], -1)
+
+
+def naive_latent_attention(attention, latents, rope_keys, x, n):
+    """DeepSeek-V2's MLA over [prefix; tokens]: keys [W_UK c ; rope key] and values W_UV c, where the prefix
+    brings its own latents c (n, r) and rotated rope keys (n, rope); causal over the tokens."""
+    base = attention.base_layer
+    B, T, _ = x.shape
+    H, Hkv, nope, rope, vd = base.n_heads, base.n_kv_heads, base.nope_head_dim, base.rope_head_dim, base.v_head_dim
+    positions = n + torch.arange(T)
+    c = F.rms_norm(x @ base.kv_down_proj.weight.T, (base.kv_lora_rank,), base.kv_latent_norm.weight, 1e-6)
+    k_rope = rotate_half_naive(x @ base.k_rope_proj.weight.T, positions)  # (B, T, rope)
+    q = (x @ base.q_proj.weight.T).view(B, T, H, nope + rope)
+    q_nope, q_rope = q[..., :nope], rotate_half_naive(q[..., nope:], positions)
+    latent = torch.cat([latents[None].expand(B, -1, -1), c], 1)  # (B, n + T, r)
+    shared = torch.cat([rope_keys[None].expand(B, -1, -1), k_rope], 1)  # (B, n + T, rope)
+    S = n + T
+    k_nope = (latent @ base.k_up_proj.weight.T).view(B, S, Hkv, nope).repeat_interleave(H // Hkv, 2)
+    values = (latent @ base.v_up_proj.weight.T).view(B, S, Hkv, vd).repeat_interleave(H // Hkv, 2)
+    scores = torch.einsum("bthd,bshd->bhts", q_nope, k_nope) + torch.einsum("bthd,bsd->bhts", q_rope, shared)
+    visible = torch.cat([torch.ones(T, n, dtype=torch.bool), torch.ones(T, T, dtype=torch.bool).tril()], 1)
+    probs = (scores / math.sqrt(nope + rope)).masked_fill(~visible, float("-inf")).softmax(-1)  # (B, H, T, S)
+    out = torch.einsum("bhts,bshd->bthd", probs, values).reshape(B, T, H * vd)
+    return out @ base.o_proj.weight.T
+
+
+@pytest.mark.parametrize(
+    ("n_kv_heads", "reparametrize", "absorb"), [(None, False, "never"), (2, False, "always"), (1, True, "decode")]
+)
+def test_latent_attention_equals_naive_concatenation_of_up_projected_keys_and_values(
+    decoder_factory, n_kv_heads, reparametrize, absorb
+):
+    prefix = PrefixTuning(n_tokens=3, reparametrize=reparametrize)
+    model = mla_llama(decoder_factory, n_kv_heads, absorb, transforms=[prefix])
+    attention = model.blocks[0].attention
+    latents, rope_keys = attention.prefix["default"]()
+    assert latents.shape == (3, 12) and rope_keys.shape == (3, 4)  # the cache's form: r + rope numbers per token
+    x = torch.randn(2, 7, 32)
+    got = attention(x, position=model.position, positions=(3 + torch.arange(7))[None], mask=AttentionMask())
+    expected = naive_latent_attention(attention, latents, rope_keys, x, 3)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("absorb", ["decode", "never"])
+def test_latent_attention_decodes_with_the_prefix_in_its_latent_cache(decoder_factory, absorb):
+    model = mla_llama(decoder_factory, absorb=absorb, transforms=[PrefixTuning(n_tokens=3)])
+    x = ids(length=9)
+    full = model(x)
+    with disabled(model):
+        assert (full - model(x)).abs().max() > 1e-2
+    cache = model.make_cache(batch_size=2, max_len=16)
+    first = model(x[:, :5], cache=cache)
+    assert cache[0].length == 8 and cache[0].c_kv.shape == (2, 19, 12)
+    steps = torch.cat([model(x[:, i : i + 1], cache=cache) for i in range(5, 9)], 1)
+    torch.testing.assert_close(torch.cat([first, steps], 1), full, rtol=0, atol=1e-5)
+
+
+def test_latent_attention_prefix_trains_and_the_base_stays_frozen(decoder_factory, tmp_path):
+    model = mla_llama(decoder_factory, vocab_size=16, init_std=0.3, transforms=[PrefixTuning(n_tokens=4)]).train()
+    data = (torch.randint(0, 16, (32, 1)) + torch.arange(9)) % 16
+
+    def loss() -> float:
+        with torch.no_grad():
+            return F.cross_entropy(model(data[:, :-1]).flatten(0, 1), data[:, 1:].flatten()).item()
+
+    start = loss()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if ".prefix." not in n}
+    task = CausalLM(model, optimizer=partial(torch.optim.AdamW, lr=5e-2, weight_decay=0.0), warmup_steps=1)
+    trainer = L.Trainer(max_steps=15, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(task, DataLoader(data, batch_size=8))
+    model.eval()
+    assert loss() < start - 0.3, (start, loss())
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters() if ".prefix." not in n)
 
 
 @pytest.mark.parametrize(("n_kv_heads", "reparametrize"), [(4, False), (2, False), (1, True)])
