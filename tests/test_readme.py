@@ -32,6 +32,7 @@ NEEDS = [
     ("deepspeed", "needs DeepSpeed and a CUDA GPU (pip install -e .[deepspeed])"),
     ("fp8.yaml", "needs a CUDA GPU with compute capability 8.9+ and torchao"),
     ("multi-node.yaml", "needs several machines (torchrun or SLURM)"),
+    ("lightningllm evaluate", "reads the Shakespeare corpus or a local task directory (tests/evaluation runs it)"),
 ]
 # a command that runs only after the demo: its data and start weights are the demo's export and the Shakespeare corpus
 AFTER_DEMO = "needs the `make demo` export and the Shakespeare corpus: `make finetune-demo` runs it"

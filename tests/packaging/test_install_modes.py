@@ -91,7 +91,11 @@ def builtin_plugins_here() -> dict[str, dict[str, str]]:
         kind: {name: registry.source(kind, name) for name in registry.available(kind)} for kind in registry.KINDS
     }
     return {
-        kind: {name: module for name, module in plugins.items() if module.startswith("lightningllm_plugins.")}
+        kind: {
+            name: module
+            for name, module in plugins.items()
+            if module.startswith(("lightningllm_plugins.", "lightningllm."))
+        }
         for kind, plugins in sources.items()
     }
 

@@ -208,8 +208,10 @@ def self_attention_sdpa_mask(
     float when the position plugin adds a score bias; has_key, (B or 1, 1, T, 1) bool, marks queries that
     see at least one key (None: all do).
     """
-    if mask.is_plain_causal() and not position.adds_bias and T in (1, S):  # the keys' positions are not needed
-        return None, T == S, None  # causal over the queries' own keys, or one new token that sees every cached key
+    # the keys' positions are not needed: causal over the queries' own keys, or one new token that sees every cached
+    # key (eager only: compiled with dynamic shapes, T == S is symbolic and SDPA's is_causal must be a real bool)
+    if mask.is_plain_causal() and not position.adds_bias and T in (1, S) and not torch.compiler.is_compiling():
+        return None, T == S, None
     if mask.key_positions is not None:  # a static cache: every slot, at the positions the decoding loop gives
         k_positions = mask.key_positions
     elif T == S:  # no past keys: the keys are the queries' own tokens (packed positions included)
