@@ -62,7 +62,7 @@ class Result:
 def run(task: str, method: str, fragments: list[Path], out: Path, max_steps: int | None) -> Result:
     """One ``lightningllm fit`` in a child process; its peak RSS comes from ``wait4``."""
     config, metric_name, _ = TASKS[task]
-    root = out / f"{task}-{method}"
+    root = (out / f"{task}-{method}").resolve()  # the child runs inside it: every path it gets is absolute
     command = [sys.executable, "-m", "lightningllm.cli", "fit", "--config", str(config)]
     for fragment in fragments:
         command += ["--config", str(fragment)]
