@@ -7,7 +7,7 @@ Setups: a random-weight Llama-shaped target (dim 512, 8 layers, vocab 32000) wit
 layers as an early-exit draft; then, if the export exists, the pretrained Shakespeare character model with its
 first 1 and 2 layers as drafts. Greedy decoding of ``--new_tokens`` tokens; every setup checks its tokens equal
 ``generate``'s. Each round times every contender once, in turn (machine load hits all alike); the first round is a
-warm-up left out. Medians over rounds; speed-up = plain generate's median time / speculative median time.
+warm-up left out. tok/fwd: new tokens per target forward. Medians over rounds; speed-up = plain generate's median time / speculative median time.
 """
 
 from __future__ import annotations
@@ -61,14 +61,15 @@ def compare(name: str, target, drafts: dict, prompt: torch.Tensor, args: argpars
             run = partial(speculative_generate, target, draft, prompt, args.new_tokens, k=args.k)
             seconds, (tokens, stats) = timed(run)
             assert torch.equal(tokens, expected), f"{name} / {label}: tokens differ from generate's"
-            rates[label] = stats.acceptance_rate
+            rates[label] = stats.acceptance_rate, (tokens.shape[1] - prompt.shape[1]) / stats.rounds
             if round_:
                 times[label].append(seconds)
     base = statistics.median(times["generate"])
-    print(f"{name:36s}{'generate':28s}{'':>10s}{args.new_tokens / base:10.1f}{1.0:9.2f}x")
+    print(f"{name:36s}{'generate':28s}{'':>10s}{1.0:10.2f}{args.new_tokens / base:10.1f}{1.0:9.2f}x")
     for label in drafts:
         median = statistics.median(times[label])
-        print(f"{'':36s}{label:28s}{rates[label]:10.2f}{args.new_tokens / median:10.1f}{base / median:9.2f}x")
+        rate, per_forward = rates[label]
+        print(f"{'':36s}{label:28s}{rate:10.2f}{per_forward:10.2f}{args.new_tokens / median:10.1f}{base / median:9.2f}x")
 
 
 def main() -> None:
@@ -86,7 +87,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"device {args.device}, batch 1, greedy, {args.new_tokens} new tokens, k={args.k}, {args.rounds} rounds")
-    print(f"{'target':36s}{'draft':28s}{'accept':>10s}{'tokens/s':>10s}{'speed-up':>10s}")
+    print(f"{'target':36s}{'draft':28s}{'accept':>10s}{'tok/fwd':>10s}{'tokens/s':>10s}{'speed-up':>10s}")
     with torch.device(args.device):
         target, draft = llama(512, 8, 32000, seed=0), llama(256, 2, 32000, seed=1)
         prompt = torch.randint(0, 32000, (1, 16), generator=torch.Generator().manual_seed(0)).to(args.device)
