@@ -7,7 +7,8 @@ Setups: a random-weight Llama-shaped target (dim 512, 8 layers, vocab 32000) wit
 layers as an early-exit draft; then, if the export exists, the pretrained Shakespeare character model with its
 first 1 and 2 layers as drafts. Greedy decoding of ``--new_tokens`` tokens; every setup checks its tokens equal
 ``generate``'s. Each round times every contender once, in turn (machine load hits all alike); the first round is a
-warm-up left out. tok/fwd: new tokens per target forward. Medians over rounds; speed-up = plain generate's median time / speculative median time.
+warm-up left out. tok/fwd: new tokens per target forward.
+Medians over rounds; speed-up = plain generate's median time / speculative median time.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def compare(name: str, target, drafts: dict, prompt: torch.Tensor, args: argpars
     for label in drafts:
         median = statistics.median(times[label])
         rate, per_forward = rates[label]
-        print(f"{'':36s}{label:28s}{rate:10.2f}{per_forward:10.2f}{args.new_tokens / median:10.1f}{base / median:9.2f}x")
+        speed = args.new_tokens / median
+        print(f"{'':36s}{label:28s}{rate:10.2f}{per_forward:10.2f}{speed:10.1f}{base / median:9.2f}x")
 
 
 def main() -> None:
