@@ -152,6 +152,8 @@ class _Chooser:
 
     def draw(self, probs: Tensor) -> Tensor:
         """probs (T, V) -> ids (T,)."""
+        if self.greedy:
+            return probs.argmax(-1)
         return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
 
     def verify(self, drafted: Tensor, q: Tensor, p: Tensor) -> tuple[int, Tensor]:
