@@ -83,19 +83,20 @@ def joint_of_first_two(model, prompt, **sampling):
 
 @pytest.mark.parametrize("sampling", [{"temperature": 1.0}, {"temperature": 0.8, "top_k": 3}])
 def test_sampled_tokens_follow_the_targets_distribution(decoder_factory, sampling):
-    """Chi-square goodness of fit of 6000 speculative samples to the target's exact joint distribution of two
-    tokens (alpha = 0.001); the draft's own joint distribution must be rejected by the same test."""
+    """Chi-square goodness of fit of 6000 speculative samples to the target's exact joint distribution of the first
+    two tokens (alpha = 0.001), both drafted in one round of k = 2 (3 new tokens); the draft's own joint
+    distribution must be rejected by the same test."""
     target, draft = peaked_decoder(decoder_factory, 0), peaked_decoder(decoder_factory, 1)
     prompt = torch.tensor([[1, 2]])
     generator = torch.Generator().manual_seed(0)
     n = 6000
     counts = torch.zeros(25)
-    accepted = 0
+    accepted = proposed = 0
     for _ in range(n):
-        tokens, stats = speculative_generate(target, draft, prompt, 2, k=2, generator=generator, **sampling)
+        tokens, stats = speculative_generate(target, draft, prompt, 3, k=2, generator=generator, **sampling)
         counts[int(tokens[0, 2]) * 5 + int(tokens[0, 3])] += 1
-        accepted += stats.accepted
-    assert 0.05 < accepted / n < 0.95  # both the accepted and the rejected path ran often
+        accepted, proposed = accepted + stats.accepted, proposed + stats.proposed
+    assert 0.05 < accepted / proposed < 0.95  # both the accepted and the rejected path ran often
 
     def chi_square(probs):
         support = probs > 1e-9
@@ -138,7 +139,7 @@ def test_a_non_causal_model_is_refused(decoder_factory):
     from lightningllm.models import Encoder
 
     target, _ = tiny_pair(decoder_factory)
-    encoder = Encoder(**{key: value for key, value in _encoder_arguments(target).items()})
+    encoder = Encoder(**_encoder_arguments(target))
     with pytest.raises(ConfigError, match="not a causal decoder"):
         speculative_generate(target, encoder, torch.zeros(1, 3, dtype=torch.long), 5)
 
