@@ -12,7 +12,7 @@ CLASSIFY_CONFIG ?= configs/finetune/classify-shakespeare.yaml
 SFT_EXPORT ?= runs/sft-shakespeare/export
 RLHF := runs/rlhf
 DPO_LOSSES ?= dpo ipo hinge
-LABEL_PROMPTS ?= 500
+LABEL_PROMPTS ?= 600
 # $(call timed,NAME,COMMAND): run COMMAND and append "NAME seconds" to the wall times the scores table reads.
 # One DPO run per loss, each in its own folder (inside the recipe's loop over $$loss).
 DPO_RUN = --model.loss=$$loss --trainer.default_root_dir=$(RLHF)/dpo-$$loss \
@@ -58,10 +58,12 @@ finetune-demo: install $(DEMO_EXPORT)/model.safetensors
 # Alignment from the instruction-tuned export (docs/rlhf-demo.md): SpeakerJudge labels pairs of the SFT model's
 # replies; a reward model and DPO (one run per loss) learn from them; PPO against the reward model; GRPO against
 # the judge itself; then every policy against the SFT model on the questions of the held-out plays.
+# Labels sample among the 10 likeliest tokens: a special token (<mask>) in a reply decodes to 6 characters and
+# would push the pair past the context of the reward model and DPO.
 rlhf-demo: install $(SFT_EXPORT)/model.safetensors
 	mkdir -p $(RLHF) && : > $(RLHF)/wall.txt
 	$(call timed,label,$(CLI) label $(SFT_EXPORT) --prompts shakespeare --template chat --judge SpeakerJudge --k 4 \
-		--max_new_tokens 16 --max_prompts $(LABEL_PROMPTS) --batch_size 128 --out $(RLHF)/preferences.jsonl --overwrite true)
+		--max_new_tokens 16 --top_k 10 --max_prompts $(LABEL_PROMPTS) --batch_size 128 --out $(RLHF)/preferences.jsonl --overwrite true)
 	$(call timed,reward-model,$(CLI) fit --config configs/rlhf/reward-model.yaml --overwrite true)
 	for loss in $(DPO_LOSSES); do \
 		$(call timed,dpo-$$loss,$(CLI) fit --config configs/rlhf/dpo.yaml $(DPO_RUN) --overwrite true) || exit 1; \

@@ -128,9 +128,11 @@ class Sampler:
         return self.template.prompt_ids(self.tokenizer, [{"role": "user", "content": prompt}])
 
     def fits(self, prompt: str) -> bool:
-        """Whether ``prompt`` leaves room for ``max_new_tokens`` in the policy's context."""
+        """Whether ``prompt`` leaves room for ``max_new_tokens`` in the policy's context (and, with a template, for
+        the end of turn that closes a reply cut at ``max_new_tokens`` once the pair is rendered for training)."""
         limit = getattr(self.model, "max_seq_len", None)
-        return limit is None or len(self.prompt_ids(prompt)) + self.max_new_tokens <= limit
+        room = self.max_new_tokens + (self.template is not None)
+        return limit is None or len(self.prompt_ids(prompt)) + room <= limit
 
     def __call__(self, prompts: Sequence[str], k: int) -> list[list[str]]:
         """K responses to each prompt, as text without the end-of-turn token."""
