@@ -72,7 +72,7 @@ rlhf-demo: install $(SFT_EXPORT)/model.safetensors
 	$(call timed,grpo,$(CLI) fit --config configs/rlhf/grpo.yaml --overwrite true)
 	$(PY) benchmarks/rlhf_scores.py $(foreach loss,$(DPO_LOSSES),dpo-$(loss)=$(RLHF)/dpo-$(loss)/export) \
 		ppo=$(RLHF)/ppo/export grpo=$(RLHF)/grpo/export --reference $(SFT_EXPORT) --wall $(RLHF)/wall.txt \
-		--examples 2 --out $(RLHF)/scores.md
+		--prompts 150 --k 4 --examples 2 --out $(RLHF)/scores.md
 
 $(SFT_EXPORT)/model.safetensors: $(DEMO_EXPORT)/model.safetensors
 	$(CLI) fit --config $(SFT_CONFIG) --overwrite true
