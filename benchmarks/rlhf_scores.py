@@ -35,9 +35,10 @@ from lightningllm_plugins.judge.speaker import SpeakerJudge
 
 @dataclass
 class Replies:
-    """K sampled replies to each of P prompts: their texts (P*K), judge scores (P, K) and log-ratio to the SFT
-    model (P*K,)."""
+    """K sampled replies to each of P prompts: their ids (stop token included) and texts (P*K), judge scores
+    (P, K) and log-ratio to the SFT model (P*K,)."""
 
+    ids: list[list[int]]
     texts: list[str]
     scores: Tensor
     log_ratio: Tensor
@@ -53,7 +54,7 @@ def sample_replies(
     sampler = Sampler(policy, tokenizer, PromptTemplate("chat"), max_new_tokens=max_new_tokens)
     reward = JudgeReward(SpeakerJudge(), tokenizer)
     generator = torch.Generator().manual_seed(seed)
-    texts, scores, ratios = [], [], []
+    ids_out, texts, scores, ratios = [], [], [], []
     step = max(1, batch_size // k)
     for start in range(0, len(prompts), step):
         chunk = prompts[start : start + step]
@@ -61,6 +62,7 @@ def sample_replies(
         gen = sample(policy, ids, max_new_tokens, group_size=k, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                      vocab_limit=tokenizer.vocab_size, generator=generator)  # fmt: skip
         replies = gen.completions()
+        ids_out += replies
         texts_in = [prompt for prompt in chunk for _ in range(k)]
         scores.append(reward([i.tolist() for i in ids for _ in range(k)], replies, texts_in))
         prompt_len = gen.prompt_mask.shape[1]
@@ -68,7 +70,7 @@ def sample_replies(
         ratios.append(((gen.logprobs - ref) * gen.mask).sum(-1))
         eos = tokenizer.eos_id
         texts += [tokenizer.decode(r[:-1] if r and r[-1] == eos else r) for r in replies]
-    return Replies(texts, torch.cat(scores).view(len(prompts), k), torch.cat(ratios))
+    return Replies(ids_out, texts, torch.cat(scores).view(len(prompts), k), torch.cat(ratios))
 
 
 def win_rate(policy: Tensor, sft: Tensor) -> float:
