@@ -9,9 +9,19 @@ DEMO_CONFIG ?= configs/pretrain/shakespeare-char.yaml
 DEMO_EXPORT ?= runs/shakespeare-char/export
 SFT_CONFIG ?= configs/finetune/sft-shakespeare.yaml
 CLASSIFY_CONFIG ?= configs/finetune/classify-shakespeare.yaml
+SFT_EXPORT ?= runs/sft-shakespeare/export
+RLHF := runs/rlhf
+DPO_LOSSES ?= dpo ipo hinge
+LABEL_PROMPTS ?= 600
+# $(call timed,NAME,COMMAND): run COMMAND and append "NAME seconds" to the wall times the scores table reads.
+# One DPO run per loss, each in its own folder (inside the recipe's loop over $$loss).
+DPO_RUN = --model.loss=$$loss --trainer.default_root_dir=$(RLHF)/dpo-$$loss \
+	--trainer.logger.init_args.save_dir=$(RLHF)/dpo-$$loss \
+	--trainer.callbacks='[{class_path: lightningllm.callbacks.Export, init_args: {dirpath: $(RLHF)/dpo-'$$loss'/export}}]'
+timed = s=$$(date +%s) && $(2) && echo "$(1) $$(($$(date +%s) - s))" >> $(RLHF)/wall.txt
 HEAD_ONLY := --model.model.transforms='[{class_path: Freeze, init_args: {train: head}}]' --model.optimizer.init_args.lr=1.0e-2
 
-.PHONY: install test test-slow demo finetune-demo lint bench clean
+.PHONY: install test test-slow demo finetune-demo rlhf-demo lint bench clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +54,28 @@ finetune-demo: install $(DEMO_EXPORT)/model.safetensors
 	$(CLI) validate --config $(SFT_CONFIG)
 	$(CLI) fit --config $(SFT_CONFIG) --config configs/finetune/from-scratch.yaml --trainer.logger.init_args.name=random-init --overwrite true
 	$(CLI) fit --config $(SFT_CONFIG) --trainer.logger.init_args.name=pretrained --overwrite true
+
+# Alignment from the instruction-tuned export (docs/rlhf-demo.md): SpeakerJudge labels pairs of the SFT model's
+# replies; a reward model and DPO (one run per loss) learn from them; PPO against the reward model; GRPO against
+# the judge itself; then every policy against the SFT model on the questions of the held-out plays.
+# Labels sample among the 10 likeliest tokens: a special token (<mask>) in a reply decodes to 6 characters and
+# would push the pair past the context of the reward model and DPO.
+rlhf-demo: install $(SFT_EXPORT)/model.safetensors
+	mkdir -p $(RLHF) && : > $(RLHF)/wall.txt
+	$(call timed,label,$(CLI) label $(SFT_EXPORT) --prompts shakespeare --template chat --judge SpeakerJudge --k 4 \
+		--max_new_tokens 16 --top_k 10 --max_prompts $(LABEL_PROMPTS) --batch_size 128 --out $(RLHF)/preferences.jsonl --overwrite true)
+	$(call timed,reward-model,$(CLI) fit --config configs/rlhf/reward-model.yaml --overwrite true)
+	for loss in $(DPO_LOSSES); do \
+		$(call timed,dpo-$$loss,$(CLI) fit --config configs/rlhf/dpo.yaml $(DPO_RUN) --overwrite true) || exit 1; \
+	done
+	$(call timed,ppo,$(CLI) fit --config configs/rlhf/ppo.yaml --overwrite true)
+	$(call timed,grpo,$(CLI) fit --config configs/rlhf/grpo.yaml --overwrite true)
+	$(PY) benchmarks/rlhf_scores.py $(foreach loss,$(DPO_LOSSES),dpo-$(loss)=$(RLHF)/dpo-$(loss)/export) \
+		ppo=$(RLHF)/ppo/export grpo=$(RLHF)/grpo/export --reference $(SFT_EXPORT) --wall $(RLHF)/wall.txt \
+		--prompts 150 --k 4 --examples 2 --out $(RLHF)/scores.md
+
+$(SFT_EXPORT)/model.safetensors: $(DEMO_EXPORT)/model.safetensors
+	$(CLI) fit --config $(SFT_CONFIG) --overwrite true
 
 $(DEMO_EXPORT)/model.safetensors:
 	$(CLI) fit --config $(DEMO_CONFIG) --overwrite true

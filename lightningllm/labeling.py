@@ -44,7 +44,7 @@ SUMMARY = "Sample K responses per prompt from an export, score them with a judge
 
 def read_prompts(
     source: str, fits: Callable[[str], bool] = lambda prompt: True, *, data_dir: str = ".cache/lightningllm",
-    seed: int = 1337, val_documents: int = 2,
+    seed: int = 1337, val_documents: int = 2, split: str = "train",
 ) -> list[str]:  # fmt: skip
     """The prompts to label, in order.
 
@@ -56,6 +56,7 @@ def read_prompts(
         fits: whether a prompt leaves room to answer in the policy's context (corpus questions that do not
             are skipped; a file's are kept, and the policy reads their last tokens).
         data_dir, seed, val_documents: as in :class:`~lightningllm.data.InstructionDataModule` (the play split).
+        split: ``train`` (the plays the SFT model trained on) or ``val`` (the plays it held out), for ``shakespeare``.
 
     Raises:
         DataError: a missing or empty file, or a JSON line that holds no prompt.
@@ -64,7 +65,7 @@ def read_prompts(
         from lightningllm.data.instruction_shakespeare import shakespeare_instructions
         from lightningllm.data.text import split_by_document
 
-        plays = split_by_document(load_corpus(SHAKESPEARE, data_dir), val_documents, None, seed, SHAKESPEARE)["train"]
+        plays = split_by_document(load_corpus(SHAKESPEARE, data_dir), val_documents, None, seed, SHAKESPEARE)[split]
         records = shakespeare_instructions(plays, lambda record: fits(_record_prompt(record)), seed)
         return [_record_prompt(record) for record in records]
     path = Path(source).expanduser()
@@ -127,9 +128,11 @@ class Sampler:
         return self.template.prompt_ids(self.tokenizer, [{"role": "user", "content": prompt}])
 
     def fits(self, prompt: str) -> bool:
-        """Whether ``prompt`` leaves room for ``max_new_tokens`` in the policy's context."""
+        """Whether ``prompt`` leaves room for ``max_new_tokens`` in the policy's context (and, with a template, for
+        the end of turn that closes a reply cut at ``max_new_tokens`` once the pair is rendered for training)."""
         limit = getattr(self.model, "max_seq_len", None)
-        return limit is None or len(self.prompt_ids(prompt)) + self.max_new_tokens <= limit
+        room = self.max_new_tokens + (self.template is not None)
+        return limit is None or len(self.prompt_ids(prompt)) + room <= limit
 
     def __call__(self, prompts: Sequence[str], k: int) -> list[list[str]]:
         """K responses to each prompt, as text without the end-of-turn token."""

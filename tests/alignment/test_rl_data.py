@@ -86,8 +86,10 @@ def test_every_rlhf_config_parses(config, capsys):
         main(["fit", "--config", config, "--print_config"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
-    if "ppo" in config or "grpo" in config:  # online RL scores its rollouts with the speaker judge
+    if "grpo" in config:  # GRPO scores its rollouts with the speaker judge, PPO with the reward model it taught
         assert "SpeakerJudge" in printed
+    if "ppo" in config:
+        assert "reward_model: runs/rlhf/reward-model/export" in printed
 
 
 class ModelJudge(torch.nn.Module):
