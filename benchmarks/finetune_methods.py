@@ -43,6 +43,8 @@ FORGETTING = {
     "l2sp": [CONFIGS / "l2sp.yaml"],
     "lora": [CONFIGS / "methods" / "lora.yaml"],
 }
+VIRTUAL_TOKENS = {"prefix": 16, "prompt": 16}  # positions the method puts before the input
+TASK_LENGTH = {"sft": "seq_len", "classify": "max_length"}
 LEDGER_START, LEDGER_END = "forgetting/pretrain_loss_start", "forgetting/pretrain_loss_end"
 TRAINABLE = re.compile(r"trainable ([\d,]+) of ([\d,]+) parameters \(([\d.]+)%\)")
 
@@ -73,6 +75,8 @@ def run(task: str, method: str, fragments: list[Path], out: Path, max_steps: int
         "--trainer.enable_progress_bar=false",
         "--overwrite=true",
     ]
+    if method in VIRTUAL_TOKENS:  # the model reads 128 positions: leave room for the 16 virtual tokens
+        command += [f"--data.init_args.{TASK_LENGTH[task]}={128 - VIRTUAL_TOKENS[method]}"]
     if max_steps is not None:
         command += [f"--trainer.max_steps={max_steps}", f"--trainer.val_check_interval={max_steps}"]
     log_path = root.with_suffix(".log")
