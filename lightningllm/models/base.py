@@ -205,6 +205,18 @@ class TransformerStack(ModelLifecycle, nn.Module):
         return type(self.blocks[0])
 
 
+def prefix_length(model: nn.Module) -> int:
+    """Prefix tuning's keys/values per layer (0 without prefix tuning)."""
+    return max((blk.attention.prefix_length() for blk in model.blocks if hasattr(blk.attention, "prefix_length")),
+               default=0)  # fmt: skip
+
+
+def virtual_token_count(model: nn.Module) -> int:
+    """Positions prompt and prefix tuning take before a sequence's tokens (0 without them)."""
+    soft = model.embed.soft_tokens() if hasattr(model.embed, "soft_tokens") else None
+    return (0 if soft is None else soft.shape[0]) + prefix_length(model)
+
+
 def add_virtual_tokens(
     model: nn.Module, x: Tensor, mask: AttentionMask, positions: Tensor | None
 ) -> tuple[Tensor, AttentionMask, Tensor | None]:
@@ -232,8 +244,7 @@ def add_virtual_tokens(
 
     soft = model.embed.soft_tokens() if hasattr(model.embed, "soft_tokens") else None
     n_soft = 0 if soft is None else soft.shape[0]
-    n_prefix = max((blk.attention.prefix_length() for blk in model.blocks if hasattr(blk.attention, "prefix_length")),
-                   default=0)  # fmt: skip
+    n_prefix = prefix_length(model)
     n = n_soft + n_prefix
     if n == 0:
         return x, mask, positions
