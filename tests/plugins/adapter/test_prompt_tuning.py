@@ -243,3 +243,18 @@ def test_soft_tokens_count_against_the_longest_sequence(decoder_factory):
     model(ids(length=10))
     with pytest.raises(ConfigError, match="17"):
         model(ids(length=11))
+
+
+def test_virtual_token_count_is_the_positions_prompt_and_prefix_tuning_take(decoder_factory):
+    from lightningllm.models.base import virtual_token_count
+    from lightningllm_plugins.adapter.prefix_tuning import PrefixTuning
+
+    model = decoder_factory(max_seq_len=32)
+    assert virtual_token_count(model) == 0
+    model.apply_transform(PromptTuning(n_tokens=5, init="random"))
+    assert virtual_token_count(model) == 5
+    model.apply_transform(PrefixTuning(n_tokens=3))
+    assert virtual_token_count(model) == 8
+    with pytest.raises(Exception, match="positions"):  # a full-length input no longer fits beside them
+        model(ids(length=32))
+    assert model(ids(length=32 - 8)).shape[1] == 32 - 8
