@@ -30,12 +30,7 @@ from lightningllm.strategies import materialize_unit
 from lightningllm.tasks import CausalLM
 from lightningllm_plugins.adapter.ia3 import IA3, IA3Linear
 from lightningllm_plugins.adapter.lora import LoRA
-
-
-def llama(build, seed=0, **kwargs):
-    """A tiny Llama-like decoder (GQA, SwiGLU, RoPE, untied head) with the same weights for the same seed."""
-    torch.manual_seed(seed)
-    return build(n_kv_heads=2, ffn="SwiGLU", norm="RMSNorm", position="RoPE", tie_embeddings=False, **kwargs).eval()
+from tests.plugins.adapter.tiny_llama import llama
 
 
 def randomise(model, seed=1):

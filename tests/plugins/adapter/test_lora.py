@@ -28,14 +28,7 @@ from lightningllm.errors import ConfigError
 from lightningllm.strategies import materialize_unit
 from lightningllm.tasks import CausalLM
 from lightningllm_plugins.adapter.lora import LoRA, LoRALinear
-
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "head"]
-
-
-def llama(build, seed=0, **kwargs):
-    """A tiny Llama-like decoder (GQA, SwiGLU, RoPE, untied head) with the same weights for the same seed."""
-    torch.manual_seed(seed)
-    return build(n_kv_heads=2, ffn="SwiGLU", norm="RMSNorm", position="RoPE", tie_embeddings=False, **kwargs).eval()
+from tests.plugins.adapter.tiny_llama import ALL, llama
 
 
 def randomise_b(model, seed=1):

@@ -20,13 +20,7 @@ from lightningllm.tasks import CausalLM
 from lightningllm_plugins.adapter.prefix_tuning import PrefixAttention, PrefixTuning
 from lightningllm_plugins.adapter.prompt_tuning import PromptTuning
 from lightningllm_plugins.attention.latent import MultiHeadLatentAttention
-
-
-def llama(build, seed=0, n_kv_heads=2, **kwargs):
-    """A tiny Llama-like decoder (GQA by default, SwiGLU, RoPE, untied head) with the same weights per seed."""
-    torch.manual_seed(seed)
-    return build(n_kv_heads=n_kv_heads, ffn="SwiGLU", norm="RMSNorm", position="RoPE", tie_embeddings=False,
-                 **kwargs).eval()  # fmt: skip
+from tests.plugins.adapter.tiny_llama import llama
 
 
 def ids(vocab=50, seed=2, length=12):

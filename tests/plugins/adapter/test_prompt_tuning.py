@@ -16,12 +16,7 @@ from lightningllm.errors import ConfigError
 from lightningllm.mask import AttentionMask
 from lightningllm.tasks import CausalLM
 from lightningllm_plugins.adapter.prompt_tuning import PromptEmbedding, PromptTuning
-
-
-def llama(build, seed=0, **kwargs):
-    """A tiny Llama-like decoder (GQA, SwiGLU, RoPE, untied head) with the same weights for the same seed."""
-    torch.manual_seed(seed)
-    return build(n_kv_heads=2, ffn="SwiGLU", norm="RMSNorm", position="RoPE", tie_embeddings=False, **kwargs).eval()
+from tests.plugins.adapter.tiny_llama import llama
 
 
 def ids(vocab=50, seed=2, length=12):
