@@ -11,13 +11,16 @@ SFT_CONFIG ?= configs/finetune/sft-shakespeare.yaml
 CLASSIFY_CONFIG ?= configs/finetune/classify-shakespeare.yaml
 SFT_EXPORT ?= runs/sft-shakespeare/export
 RLHF := runs/rlhf
-DPO_LOSSES ?= dpo ipo hinge
+DPO_LOSSES ?= dpo cdpo robust ipo hinge orpo simpo kto
 LABEL_PROMPTS ?= 600
 # $(call timed,NAME,COMMAND): run COMMAND and append "NAME seconds" to the wall times the scores table reads.
-# One DPO run per loss, each in its own folder (inside the recipe's loop over $$loss).
+# One DPO run per loss, each in its own folder (inside the recipe's loop over $$loss); ORPO and SimPO are
+# reference-free, KTO reads the pairs as unpaired desirable/undesirable replies, cDPO and robust DPO assume 10% flips.
 DPO_RUN = --model.loss=$$loss --trainer.default_root_dir=$(RLHF)/dpo-$$loss \
 	--trainer.logger.init_args.save_dir=$(RLHF)/dpo-$$loss \
-	--trainer.callbacks='[{class_path: lightningllm.callbacks.Export, init_args: {dirpath: $(RLHF)/dpo-'$$loss'/export}}]'
+	--trainer.callbacks='[{class_path: lightningllm.callbacks.Export, init_args: {dirpath: $(RLHF)/dpo-'$$loss'/export}}]' \
+	$$(case $$loss in (cdpo|robust) echo --model.label_smoothing=0.1;; (orpo|simpo) echo --model.reference=null;; \
+	(kto) echo --data.unpaired=true;; esac)
 timed = s=$$(date +%s) && $(2) && echo "$(1) $$(($$(date +%s) - s))" >> $(RLHF)/wall.txt
 HEAD_ONLY := --model.model.transforms='[{class_path: Freeze, init_args: {train: head}}]' --model.optimizer.init_args.lr=1.0e-2
 
@@ -54,6 +57,7 @@ finetune-demo: install $(DEMO_EXPORT)/model.safetensors
 	$(CLI) validate --config $(SFT_CONFIG)
 	$(CLI) fit --config $(SFT_CONFIG) --config configs/finetune/from-scratch.yaml --trainer.logger.init_args.name=random-init --overwrite true
 	$(CLI) fit --config $(SFT_CONFIG) --trainer.logger.init_args.name=pretrained --overwrite true
+	$(PY) benchmarks/evaluate_exports.py pretrained=$(DEMO_EXPORT) sft=$(SFT_EXPORT) --out runs/sft-shakespeare/evaluation.md
 
 # Alignment from the instruction-tuned export (docs/rlhf-demo.md): SpeakerJudge labels pairs of the SFT model's
 # replies; a reward model and DPO (one run per loss) learn from them; PPO against the reward model; GRPO against
@@ -73,6 +77,8 @@ rlhf-demo: install $(SFT_EXPORT)/model.safetensors
 	$(PY) benchmarks/rlhf_scores.py $(foreach loss,$(DPO_LOSSES),dpo-$(loss)=$(RLHF)/dpo-$(loss)/export) \
 		ppo=$(RLHF)/ppo/export grpo=$(RLHF)/grpo/export --reference $(SFT_EXPORT) --wall $(RLHF)/wall.txt \
 		--prompts 150 --k 4 --examples 2 --out $(RLHF)/scores.md
+	$(PY) benchmarks/evaluate_exports.py sft=$(SFT_EXPORT) $(foreach loss,$(DPO_LOSSES),dpo-$(loss)=$(RLHF)/dpo-$(loss)/export) \
+		ppo=$(RLHF)/ppo/export grpo=$(RLHF)/grpo/export --out $(RLHF)/evaluation.md
 
 $(SFT_EXPORT)/model.safetensors: $(DEMO_EXPORT)/model.safetensors
 	$(CLI) fit --config $(SFT_CONFIG) --overwrite true

@@ -154,6 +154,24 @@ def _sync(tensor: Tensor) -> float:
     return time.perf_counter()
 
 
+def weight_floor(model: torch.nn.Module, batch_size: int, rounds: int) -> float:
+    """Tokens/s of the least any decoder must do per token: multiply a (B, in) activation by every 2-D weight once.
+
+    Nothing else runs (no attention over the cache, norms, sampling or Python), so at batch 1 this bounds what any
+    contender can reach in this precision on this machine: decoding one token reads every weight once.
+    """
+    weights = [w for name, w in model.named_parameters() if w.dim() == 2 and "embed" not in name]
+    inputs = {w.shape[1]: torch.randn(batch_size, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
+    times = []
+    with torch.inference_mode():
+        for _ in range(rounds + 1):
+            start = time.perf_counter()
+            for w in weights:
+                out = inputs[w.shape[1]] @ w.T
+            times.append(_sync(out) - start)
+    return batch_size / statistics.median(times[1:])
+
+
 def build(args: argparse.Namespace):
     """(Hugging Face model, lightningllm model, config): the same random weights in both."""
     import transformers
@@ -220,6 +238,12 @@ def report(hf, ours, config, args: argparse.Namespace, batch_size: int) -> None:
     for name in runs:
         same = "yes" if torch.equal(outputs[name].cpu(), reference.cpu()) else "NO"
         print(f"  {name:24s}{statistics.median(speed[name]):10.1f}{1e3 * statistics.median(ttft[name]):10.1f}  {same}")
+    floor = weight_floor(ours, batch_size, 20)
+    hf_speed = statistics.median(speed["hugging face"])
+    print(
+        f"  {'weight floor':24s}{floor:10.1f}{'':10s}  (every weight read once per token, nothing else: "
+        f"{floor / hf_speed:.2f}x Hugging Face is the most any decoder reaches here)"
+    )
     for name in [n for n in runs if n.startswith("lightningllm")]:
         ours_speed = statistics.median(speed[name])
         print(f"  {name} / hugging face: {ours_speed / statistics.median(speed['hugging face']):.2f}x tokens/s, "

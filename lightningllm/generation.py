@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from lightningllm.compiled_step import compiled_step
 from lightningllm.errors import ConfigError
 from lightningllm.mask import AttentionMask
-from lightningllm.models.base import query_padding
+from lightningllm.models.base import query_padding, token_positions
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def generate(
     fill = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
     prompts, prompt_real = _left_padded(input_ids, attention_mask, fill)  # (B, P) each
     P = prompts.shape[1]
-    window = min(getattr(model, "max_seq_len", P + max_new_tokens), P + max_new_tokens)
+    window = min(token_positions(model) or P + max_new_tokens, P + max_new_tokens)
     was_training = model.training
     model.eval()
     try:

@@ -50,6 +50,19 @@ class AttentionMask:
         """True when every query sees every key."""
         return not self.causal and self.padding is None and self.window is None and self.document_ids is None
 
+    def keys_at(self, positions: Tensor, S: int) -> Tensor:
+        """The absolute positions of the S keys that queries at ``positions`` (B or 1, T) attend to -> (B or 1, S).
+
+        ``key_positions`` when given; else the queries' own positions when S == T; else S - T cached keys at the
+        consecutive positions just before the queries.
+        """
+        if self.key_positions is not None:
+            return self.key_positions
+        T = positions.shape[1]
+        if S == T:
+            return positions
+        return torch.arange(S, device=positions.device) + (positions[:, :1] - (S - T))
+
     def allowed(self, q_positions: Tensor, k_positions: Tensor) -> Tensor | None:
         """Boolean mask, True where attention is allowed.
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from lightningllm.contracts import IGNORE_INDEX
 from lightningllm.data.text import TextDataModule
 from lightningllm.errors import ConfigError
-from lightningllm.models.base import virtual_token_count
+from lightningllm.models.base import token_positions
 from lightningllm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class PretrainingData:
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         """Mean next-token cross-entropy of ``model`` on ``batch`` ({"input_ids", "labels"} (N, T), on its device)."""
-        room = model.max_seq_len - virtual_token_count(model)  # prompt and prefix tuning take the first positions
+        room = token_positions(model)  # prompt and prefix tuning take the first positions
         input_ids, labels = batch["input_ids"][:, -room:], batch["labels"][:, -room:]
         logits = self.token_logits(model, input_ids)  # (N, T, V)
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)

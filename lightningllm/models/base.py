@@ -138,9 +138,10 @@ class TransformerStack(ModelLifecycle, nn.Module):
         return cls(**factories_from_config(config))
 
     def make_cache(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
-        """One empty cache per block for decoding up to ``max_len`` positions (causal models only)."""
+        """One empty cache per block for decoding up to ``max_len`` tokens (causal models only), with room for
+        prompt tuning's soft tokens too (prefix tuning's attention adds room for its prefix)."""
         self.require_causal_for_cache()
-        max_len = max_len or self.max_seq_len
+        max_len = (max_len or self.max_seq_len) + soft_token_count(self)
         weight = self.embed.weight
         return [
             blk.attention.make_cache(batch_size, max_len, dtype=weight.dtype, device=weight.device)
@@ -207,14 +208,26 @@ class TransformerStack(ModelLifecycle, nn.Module):
 
 def prefix_length(model: nn.Module) -> int:
     """Prefix tuning's keys/values per layer (0 without prefix tuning)."""
-    return max((blk.attention.prefix_length() for blk in model.blocks if hasattr(blk.attention, "prefix_length")),
-               default=0)  # fmt: skip
+    lengths = [blk.attention.prefix_length() for blk in model.blocks if hasattr(blk.attention, "prefix_length")]
+    return max(lengths) if lengths else 0
+
+
+def soft_token_count(model: nn.Module) -> int:
+    """Prompt tuning's soft tokens, prepended to a sequence's embeddings (0 without prompt tuning)."""
+    soft = model.embed.soft_tokens() if hasattr(getattr(model, "embed", None), "soft_tokens") else None
+    return 0 if soft is None else soft.shape[0]
 
 
 def virtual_token_count(model: nn.Module) -> int:
-    """Positions prompt and prefix tuning take before a sequence's tokens (0 without them)."""
-    soft = model.embed.soft_tokens() if hasattr(model.embed, "soft_tokens") else None
-    return (0 if soft is None else soft.shape[0]) + prefix_length(model)
+    """Positions prompt and prefix tuning take before a sequence's tokens (0 without them, or for any model
+    without ``blocks``)."""
+    return soft_token_count(model) + prefix_length(model) if hasattr(model, "blocks") else 0
+
+
+def token_positions(model: nn.Module) -> int | None:
+    """The positions left for a sequence's own tokens: ``max_seq_len`` less the virtual tokens (None: unbounded)."""
+    limit = getattr(model, "max_seq_len", None)
+    return None if limit is None else limit - virtual_token_count(model)
 
 
 def add_virtual_tokens(
@@ -238,7 +251,8 @@ def add_virtual_tokens(
 
     Raises:
         AdapterError: packed documents (the virtual tokens would belong to one document only), or prefix tuning
-            with positions that are not consecutive (its keys sit at the positions just before the tokens).
+            with real tokens at positions that are not consecutive (its keys sit at the positions just before the
+            tokens); left padding (masked, at any position) is fine.
     """
     from lightningllm.adapters import AdapterError
 
@@ -254,13 +268,14 @@ def add_virtual_tokens(
             "document needs its own virtual tokens. Turn packing off for this run."
         )
     B, T = x.shape[:2]
+    given = positions is not None
     if positions is None:
         positions = torch.arange(T, device=x.device)[None]
-    elif n_prefix and not bool((positions.diff(dim=1) == 1).all()):
+    elif n_prefix and not _consecutive(positions, mask.padding):
         raise AdapterError(
-            "Prefix tuning needs consecutive positions (its keys and values sit just before the tokens, as cached "
-            "keys do); these positions skip or repeat (left padding counted from the first real token?). Give "
-            "positions 0..T-1 and mark the padding in the mask instead."
+            "Prefix tuning needs the real tokens at consecutive positions (its keys and values sit just before "
+            "the tokens, as cached keys do); these positions skip or repeat between real tokens. Give each row's "
+            "tokens consecutive positions and mark any padding in the mask."
         )
     soft_positions = torch.arange(n_soft, device=x.device)[None].expand(positions.shape[0], -1)
     positions = torch.cat([soft_positions.to(positions.dtype), positions + n_soft], dim=1) + n_prefix
@@ -270,7 +285,50 @@ def add_virtual_tokens(
     if padding is not None:
         padding = torch.cat([padding.new_ones(padding.shape[0], n), padding], dim=1)
     prefix = None if mask.prefix_lengths is None else mask.prefix_lengths + n
-    return x, dataclasses.replace(mask, padding=padding, prefix_lengths=prefix), positions
+    keys = mask.key_positions
+    if n_prefix and given:  # the cached prefix keys precede tokens whose positions need not count up by index
+        keys = torch.cat([torch.arange(n_prefix, device=x.device)[None].expand(positions.shape[0], -1), positions], 1)
+    return x, dataclasses.replace(mask, padding=padding, prefix_lengths=prefix, key_positions=keys), positions
+
+
+def _consecutive(positions: Tensor, padding: Tensor | None) -> bool:
+    """positions (B or 1, T) step by one between neighbouring real tokens (padding: (B, T) bool, True at real)."""
+    steps = positions.diff(dim=1) == 1  # (B or 1, T - 1)
+    if padding is not None:
+        steps = steps | ~(padding[:, 1:] & padding[:, :-1])
+    return bool(steps.all())
+
+
+def skip_virtual_tokens(
+    model: nn.Module, mask: AttentionMask, positions: Tensor | None, cached: int
+) -> tuple[AttentionMask, Tensor | None]:
+    """On a cached step, shift the caller's positions and padding past the virtual tokens already in the cache.
+
+    The caller counts only its own tokens, at the start (:func:`add_virtual_tokens`) and on every later step, so
+    generation with left padding needs no knowledge of prompt or prefix tuning.
+
+    Args:
+        model: a stack with ``embed`` and ``blocks``.
+        mask: the caller's mask; its padding (B, S) covers the caller's cached tokens and the new ones.
+        positions: (B or 1, T) the caller's positions (None: the model continues after the cache).
+        cached: the keys in the cache, the n virtual ones included.
+
+    Returns:
+        the mask with padding (B, n + S) and, with positions given, the keys' positions (B or 1, n + S) (the
+        virtual ones at 0..n-1) and positions + n.
+    """
+    n = 0 if positions is None and mask.padding is None else virtual_token_count(model)
+    if n == 0:
+        return mask, positions
+    padding = mask.padding
+    if padding is not None:
+        padding = torch.cat([padding.new_ones(padding.shape[0], n), padding], 1)
+    if positions is None:
+        return dataclasses.replace(mask, padding=padding), None
+    positions = positions + n
+    virtual = torch.arange(n, device=positions.device)[None].expand(positions.shape[0], -1)
+    keys = torch.cat([virtual, mask.keys_at(positions, cached - n + positions.shape[1])], 1)  # (B or 1, n + S)
+    return dataclasses.replace(mask, padding=padding, key_positions=keys), positions
 
 
 def query_padding(mask: AttentionMask | None, T: int) -> Tensor | None:

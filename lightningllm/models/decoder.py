@@ -16,7 +16,13 @@ from lightningllm.contracts import (
     Transform,
 )
 from lightningllm.mask import AttentionMask
-from lightningllm.models.base import LayerOverride, TransformerStack, add_virtual_tokens, query_padding
+from lightningllm.models.base import (
+    LayerOverride,
+    TransformerStack,
+    add_virtual_tokens,
+    query_padding,
+    skip_virtual_tokens,
+)
 
 __all__ = ["Decoder", "LayerOverride"]
 
@@ -113,6 +119,8 @@ class Decoder(TransformerStack):
             x, mask, positions = add_virtual_tokens(self, x, mask, positions)
             if given is None and positions is not None:  # n_virtual + T positions from 0
                 self.position.check_length(int(positions[0, -1]) + 1)
+        else:
+            mask, positions = skip_virtual_tokens(self, mask, positions, offset)
         if positions is None:
             self.position.check_length(offset + T)
             positions = torch.arange(offset, offset + T, device=x.device)[None]

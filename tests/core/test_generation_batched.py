@@ -217,3 +217,22 @@ def test_bad_arguments_are_refused(decoder_factory, kwargs, match):
 def test_empty_prompt_is_refused(decoder_factory):
     with pytest.raises(ConfigError, match="at least one token"):
         generate(decoder_factory().eval(), [[1, 2], []], 3)
+
+
+@pytest.mark.parametrize(
+    "adapters",
+    [["PrefixTuning"], ["PromptTuning"], ["PrefixTuning", "PromptTuning"]],
+    ids=["prefix", "prompt", "prefix+prompt"],
+)
+@pytest.mark.parametrize("n", [10, 40], ids=["within", "sliding"])
+def test_batched_equals_row_by_row_with_virtual_tokens(decoder_factory, adapters, n):
+    """Left padding sits between prompt/prefix tuning's virtual tokens and a row's first real token."""
+    transforms = [get("adapter", name)(n_tokens=3, init="random") if name == "PromptTuning" else
+                  get("adapter", name)(n_tokens=3) for name in adapters]  # fmt: skip
+    torch.manual_seed(0)
+    model = decoder_factory(position="RoPE", n_kv_heads=2, init_std=0.3, max_seq_len=16, transforms=transforms)
+    with torch.no_grad():  # prefix keys and values start random, not near zero
+        for name, p in model.named_parameters():
+            if "prefix" in name:
+                p.normal_(std=0.5)
+    assert_batched_equals_row_by_row(model.eval(), prompts_of(LENGTHS), n)

@@ -212,12 +212,7 @@ def self_attention_sdpa_mask(
     # key (eager only: compiled with dynamic shapes, T == S is symbolic and SDPA's is_causal must be a real bool)
     if mask.is_plain_causal() and not position.adds_bias and T in (1, S) and not torch.compiler.is_compiling():
         return None, T == S, None
-    if mask.key_positions is not None:  # a static cache: every slot, at the positions the decoding loop gives
-        k_positions = mask.key_positions
-    elif T == S:  # no past keys: the keys are the queries' own tokens (packed positions included)
-        k_positions = positions
-    else:  # S - T cached keys precede the new ones at consecutive positions
-        k_positions = torch.arange(S, device=positions.device) + (positions[:, :1] - (S - T))  # (B, S)
+    k_positions = mask.keys_at(positions, S)  # (B or 1, S)
     bias = position.bias(positions, k_positions)  # (B or 1, H, T, S) or None
     if bias is None and mask.is_plain_causal():
         if T == S:

@@ -176,7 +176,7 @@ class SlidingWindowAttention(MultiHeadAttention):
             k = k.repeat_interleave(groups, dim=1)  # (B, H, S, hd)
             v = v.repeat_interleave(groups, dim=1)
         offset = S - T  # query t is key t + offset
-        k_positions = positions if T == S else torch.arange(S, device=x.device) + (positions[:, :1] - offset)
+        k_positions = mask.keys_at(positions, S)
         dropout_p = self.dropout if self.training else 0.0
         outs = []
         for start, end, ranges in plan:
@@ -236,6 +236,8 @@ class SlidingWindowAttention(MultiHeadAttention):
 
     def _bandable(self, positions: Tensor, mask: AttentionMask, T: int, S: int) -> bool:
         """Whether index distance bounds position distance, so the band holds every allowed pair."""
+        if mask.key_positions is not None:  # keys placed by the caller, not by index
+            return False
         steps = positions[:, 1:] - positions[:, :-1]  # (B or 1, T - 1)
         if bool((steps == 1).all()):
             return True
@@ -341,11 +343,8 @@ class SlidingWindowAttention(MultiHeadAttention):
         """SDPA arguments as in :class:`MultiHeadAttention`, with the local pattern folded into the mask."""
         if cross:
             return super()._attention_mask(q, k, position, positions, mask, cross)
-        T, S = q.shape[2], k.shape[2]
-        if T == S:  # no past keys: the keys are the queries' own tokens (packed positions included)
-            k_positions = positions
-        else:  # S - T cached keys precede the new ones at consecutive positions
-            k_positions = torch.arange(S, device=positions.device) + (positions[:, :1] - (S - T))  # (B, S)
+        S = k.shape[2]
+        k_positions = mask.keys_at(positions, S)  # (B or 1, S)
         allowed = self.local(positions[:, :, None], k_positions[:, None, :])[:, None]  # (B or 1, 1, T, S)
         model_allowed = mask.allowed(positions, k_positions)  # (B or 1, 1, T or 1, S) or None
         if model_allowed is not None:

@@ -173,7 +173,12 @@ def test_padding_is_widened_and_bad_positions_or_packing_are_refused(decoder_fac
     padded = model(x, mask=AttentionMask(causal=True, padding=padding))
     torch.testing.assert_close(padded[1, :8], model(x[1:, :8])[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(padded[0], model(x[:1])[0], rtol=0, atol=1e-5)
-    with pytest.raises(AdapterError, match="Prefix tuning needs consecutive positions"):
+    left = torch.ones(2, 12, dtype=torch.bool)
+    left[1, :4] = False  # left padding at repeated positions, as batched generation gives it
+    positions = torch.stack([torch.arange(12), (torch.arange(12) - 4).clamp(min=0)])
+    padded = model(x, mask=AttentionMask(causal=True, padding=left), positions=positions)
+    torch.testing.assert_close(padded[1, 4:], model(x[1:, 4:])[0], rtol=0, atol=1e-5)
+    with pytest.raises(AdapterError, match="Prefix tuning needs the real tokens at consecutive positions"):
         model(x, positions=torch.tensor([[0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9]]))
     with pytest.raises(AdapterError, match="cannot run on packed documents"):
         model(x, mask=AttentionMask(causal=True, document_ids=torch.zeros(2, 12, dtype=torch.long)))
