@@ -21,6 +21,10 @@ DPO_RUN = --model.loss=$$loss --trainer.default_root_dir=$(RLHF)/dpo-$$loss \
 	--trainer.callbacks='[{class_path: lightningllm.callbacks.Export, init_args: {dirpath: $(RLHF)/dpo-'$$loss'/export}}]' \
 	$$(case $$loss in (cdpo|robust) echo --model.label_smoothing=0.1;; (orpo|simpo) echo --model.reference=null;; \
 	(kto) echo --data.unpaired=true;; esac)
+# PPO rewarded by the judge itself instead of the reward model (the same algorithm, without a learnt reward to exploit).
+PPO_JUDGE_RUN = --model.reward_model=null '--model.judge={class_path: lightningllm_plugins.judge.speaker.SpeakerJudge}' \
+	--trainer.default_root_dir=$(RLHF)/ppo-judge --trainer.logger.init_args.save_dir=$(RLHF)/ppo-judge \
+	--trainer.callbacks='[{class_path: lightningllm.callbacks.Export, init_args: {dirpath: $(RLHF)/ppo-judge/export}}]'
 timed = s=$$(date +%s) && $(2) && echo "$(1) $$(($$(date +%s) - s))" >> $(RLHF)/wall.txt
 HEAD_ONLY := --model.model.transforms='[{class_path: Freeze, init_args: {train: head}}]' --model.optimizer.init_args.lr=1.0e-2
 
@@ -73,12 +77,13 @@ rlhf-demo: install $(SFT_EXPORT)/model.safetensors
 		$(call timed,dpo-$$loss,$(CLI) fit --config configs/rlhf/dpo.yaml $(DPO_RUN) --overwrite true) || exit 1; \
 	done
 	$(call timed,ppo,$(CLI) fit --config configs/rlhf/ppo.yaml --overwrite true)
+	$(call timed,ppo-judge,$(CLI) fit --config configs/rlhf/ppo.yaml $(PPO_JUDGE_RUN) --overwrite true)
 	$(call timed,grpo,$(CLI) fit --config configs/rlhf/grpo.yaml --overwrite true)
 	$(PY) benchmarks/rlhf_scores.py $(foreach loss,$(DPO_LOSSES),dpo-$(loss)=$(RLHF)/dpo-$(loss)/export) \
-		ppo=$(RLHF)/ppo/export grpo=$(RLHF)/grpo/export --reference $(SFT_EXPORT) --wall $(RLHF)/wall.txt \
+		ppo=$(RLHF)/ppo/export ppo-judge=$(RLHF)/ppo-judge/export grpo=$(RLHF)/grpo/export --reference $(SFT_EXPORT) --wall $(RLHF)/wall.txt \
 		--prompts 150 --k 4 --examples 2 --out $(RLHF)/scores.md
 	$(PY) benchmarks/evaluate_exports.py sft=$(SFT_EXPORT) $(foreach loss,$(DPO_LOSSES),dpo-$(loss)=$(RLHF)/dpo-$(loss)/export) \
-		ppo=$(RLHF)/ppo/export grpo=$(RLHF)/grpo/export --out $(RLHF)/evaluation.md
+		ppo=$(RLHF)/ppo/export ppo-judge=$(RLHF)/ppo-judge/export grpo=$(RLHF)/grpo/export --out $(RLHF)/evaluation.md
 
 $(SFT_EXPORT)/model.safetensors: $(DEMO_EXPORT)/model.safetensors
 	$(CLI) fit --config $(SFT_CONFIG) --overwrite true

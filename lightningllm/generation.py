@@ -228,7 +228,7 @@ def generate(
         rows = _Rows(model, prompts, prompt_real, max_new_tokens, window, prefix_lm, compile)
         choose = partial(sample_next, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         finished_fill = eos_id if eos_id is not None else fill
-        logprobs, mask = _decode(rows, criteria, finished_fill, eos_id, vocab_limit, choose, stream)
+        logprobs, mask = _decode(rows, criteria, finished_fill, eos_id, vocab_limit, choose, stream, return_logprobs)
     finally:
         model.train(was_training)
     tokens = rows.tokens[:, : rows.width].contiguous()
@@ -243,8 +243,10 @@ def _decode(
     vocab_limit: int | None,
     choose: Callable[[Tensor], Tensor],
     stream: Callable[[Tensor, Tensor], None] | None,
+    want_logprobs: bool,
 ) -> tuple[Tensor, Tensor]:
-    """The decoding loop, appending to ``rows`` -> log-probabilities (B, n) and live mask (B, n)."""
+    """The decoding loop, appending to ``rows`` -> log-probabilities (B, n) (zeros unless ``want_logprobs``: a
+    log-softmax over the vocabulary per step is not free) and live mask (B, n)."""
     B, P, device = rows.tokens.shape[0], rows.prompt_len, rows.tokens.device
     n_max = rows.tokens.shape[1] - P
     logprobs = torch.zeros(B, n_max, device=device)  # written in place: no per-step list and concatenation
@@ -259,7 +261,8 @@ def _decode(
             banned = torch.arange(min(vocab_limit, V), V, device=device)
         allowed = logits if banned is None else logits.index_fill(-1, banned, float("-inf"))
         token = choose(allowed).masked_fill(done, finished_fill)  # (B,)
-        logprobs[:, n] = logits.float().log_softmax(-1).gather(-1, token[:, None])[:, 0].masked_fill(done, 0.0)
+        if want_logprobs:
+            logprobs[:, n] = logits.float().log_softmax(-1).gather(-1, token[:, None])[:, 0].masked_fill(done, 0.0)
         live[:, n] = ~done
         rows.append(token)
         n += 1

@@ -24,3 +24,4 @@ def test_tiny_run_prints_a_table_where_every_contender_agrees_with_hugging_face(
     table = [row for row in rows if row[-1] in ("yes", "NO")]
     assert len(table) == 6 and all(row[-1] == "yes" for row in table), done.stdout  # 3 contenders x 2 batch sizes
     assert done.stdout.count("lightningllm / hugging face:") == 2
+    assert done.stdout.count("weight floor") == 2  # the bound every contender is read against

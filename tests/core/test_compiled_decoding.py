@@ -72,9 +72,14 @@ def test_other_attention_layers_are_refused_with_the_reason(decoder_factory):
 
 
 @pytest.mark.slow  # inductor writes and builds C++ for the step: about a minute on 2 cores
-def test_inductor_compiled_decoding_gives_the_eager_tokens(decoder_factory):
+def test_inductor_compiled_decoding_gives_the_eager_tokens_before_and_after_a_weight_change(decoder_factory):
     torch._dynamo.reset()
     model = llama(decoder_factory)
+    eager = generate(model, uneven_prompts(), 20, temperature=0)
+    assert torch.equal(generate(model, uneven_prompts(), 20, temperature=0, compile=True), eager)
+    with torch.no_grad():  # the CPU graph froze a copy of the weights: changing them must rebuild it
+        for p in model.parameters():
+            p.mul_(1.5)
     eager = generate(model, uneven_prompts(), 20, temperature=0)
     assert torch.equal(generate(model, uneven_prompts(), 20, temperature=0, compile=True), eager)
 
