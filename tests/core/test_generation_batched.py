@@ -229,8 +229,22 @@ def test_batched_equals_row_by_row_with_virtual_tokens(decoder_factory, adapters
     """Left padding sits between prompt/prefix tuning's virtual tokens and a row's first real token."""
     transforms = [get("adapter", name)(n_tokens=3, init="random") if name == "PromptTuning" else
                   get("adapter", name)(n_tokens=3) for name in adapters]  # fmt: skip
+    assert_virtual_token_batches_equal_rows(decoder_factory, n, transforms, n_kv_heads=2)
+
+
+@pytest.mark.parametrize(
+    "attention",
+    [partial(get("attention", "SlidingWindowAttention"), window=4), get("attention", "MultiHeadLatentAttention")],
+    ids=["SlidingWindowAttention", "MultiHeadLatentAttention"],
+)
+def test_batched_equals_row_by_row_with_a_prefix_on_other_attention(decoder_factory, attention):
+    transforms = [get("adapter", "PrefixTuning")(n_tokens=3)]
+    assert_virtual_token_batches_equal_rows(decoder_factory, 40, transforms, attention=attention)
+
+
+def assert_virtual_token_batches_equal_rows(decoder_factory, n, transforms, **model_kwargs):
     torch.manual_seed(0)
-    model = decoder_factory(position="RoPE", n_kv_heads=2, init_std=0.3, max_seq_len=16, transforms=transforms)
+    model = decoder_factory(position="RoPE", init_std=0.3, max_seq_len=16, transforms=transforms, **model_kwargs)
     with torch.no_grad():  # prefix keys and values start random, not near zero
         for name, p in model.named_parameters():
             if "prefix" in name:
