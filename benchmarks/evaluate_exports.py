@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from lightningllm.atomic import atomic_file
-from lightningllm.evaluation.command import evaluate_export
+from lightningllm.evaluation.command import evaluate_export, metric_values
 
 #: per task, the metrics the table keeps (any other task keeps all of its metrics)
 KEPT = {"acc", "acc_norm", "bits_per_byte", "exact_match"}
@@ -26,13 +26,7 @@ KEPT = {"acc", "acc_norm", "bits_per_byte", "exact_match"}
 
 def scores(results: dict) -> dict[tuple[str, str], float]:
     """{(task, metric): value} from lm-eval's results, stderr entries and unkept metrics left out."""
-    table = {}
-    for task, metrics in results["results"].items():
-        for key, value in metrics.items():
-            metric = key.split(",")[0]
-            if isinstance(value, float) and "stderr" not in key and metric in KEPT:
-                table[task, metric] = value
-    return table
+    return {(task, metric): value for task, metric, value in metric_values(results) if metric in KEPT}
 
 
 def markdown(columns: dict[str, dict[tuple[str, str], float]]) -> str:

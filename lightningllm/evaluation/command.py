@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from lightningllm.errors import ConfigError, LightningLLMError
@@ -61,14 +61,18 @@ def evaluate_export(
     )  # fmt: skip
 
 
-def metric_lines(results: dict) -> list[str]:
-    """``task  metric  value`` lines from lm-eval's results (stderr entries left out)."""
-    lines = []
+def metric_values(results: dict) -> Iterator[tuple[str, str, float]]:
+    """(task, metric, value) from lm-eval's results, tasks in name order, stderr entries left out (``acc,none``
+    -> ``acc``)."""
     for task, metrics in sorted(results["results"].items()):
         for key, value in metrics.items():
             if isinstance(value, float) and "stderr" not in key:
-                lines.append(f"{task:<24} {key.split(',')[0]:<16} {value:.4f}")
-    return lines
+                yield task, key.split(",")[0], value
+
+
+def metric_lines(results: dict) -> list[str]:
+    """``task  metric  value`` lines from lm-eval's results (stderr entries left out)."""
+    return [f"{task:<24} {metric:<16} {value:.4f}" for task, metric, value in metric_values(results)]
 
 
 def evaluate_command(args: Sequence[str]) -> None:

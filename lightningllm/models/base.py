@@ -277,18 +277,26 @@ def add_virtual_tokens(
             "the tokens, as cached keys do); these positions skip or repeat between real tokens. Give each row's "
             "tokens consecutive positions and mark any padding in the mask."
         )
-    soft_positions = torch.arange(n_soft, device=x.device)[None].expand(positions.shape[0], -1)
-    positions = torch.cat([soft_positions.to(positions.dtype), positions + n_soft], dim=1) + n_prefix
+    positions = _after_virtual(n_soft, positions + n_soft) + n_prefix  # soft tokens at p..p+s-1, then the tokens
     if soft is not None:
         x = torch.cat([soft.to(x.dtype)[None].expand(B, -1, -1), x], dim=1)
-    padding = mask.padding
-    if padding is not None:
-        padding = torch.cat([padding.new_ones(padding.shape[0], n), padding], dim=1)
     prefix = None if mask.prefix_lengths is None else mask.prefix_lengths + n
     keys = mask.key_positions
     if n_prefix and given:  # the cached prefix keys precede tokens whose positions need not count up by index
-        keys = torch.cat([torch.arange(n_prefix, device=x.device)[None].expand(positions.shape[0], -1), positions], 1)
-    return x, dataclasses.replace(mask, padding=padding, prefix_lengths=prefix, key_positions=keys), positions
+        keys = _after_virtual(n_prefix, positions)
+    return x, dataclasses.replace(mask, padding=_real_first(mask.padding, n), prefix_lengths=prefix,
+                                  key_positions=keys), positions  # fmt: skip
+
+
+def _real_first(padding: Tensor | None, n: int) -> Tensor | None:
+    """padding (B, S) with n real keys (the virtual tokens) in front -> (B, n + S); None stays None."""
+    return None if padding is None else torch.cat([padding.new_ones(padding.shape[0], n), padding], dim=1)
+
+
+def _after_virtual(n: int, key_positions: Tensor) -> Tensor:
+    """Key positions (B or 1, S) after n virtual keys at 0..n-1 -> (B or 1, n + S)."""
+    virtual = torch.arange(n, device=key_positions.device)[None].expand(key_positions.shape[0], -1)
+    return torch.cat([virtual.to(key_positions.dtype), key_positions], dim=1)
 
 
 def _consecutive(positions: Tensor, padding: Tensor | None) -> bool:
@@ -320,14 +328,11 @@ def skip_virtual_tokens(
     n = 0 if positions is None and mask.padding is None else virtual_token_count(model)
     if n == 0:
         return mask, positions
-    padding = mask.padding
-    if padding is not None:
-        padding = torch.cat([padding.new_ones(padding.shape[0], n), padding], 1)
+    padding = _real_first(mask.padding, n)
     if positions is None:
         return dataclasses.replace(mask, padding=padding), None
     positions = positions + n
-    virtual = torch.arange(n, device=positions.device)[None].expand(positions.shape[0], -1)
-    keys = torch.cat([virtual, mask.keys_at(positions, cached - n + positions.shape[1])], 1)  # (B or 1, n + S)
+    keys = _after_virtual(n, mask.keys_at(positions, cached - n + positions.shape[1]))  # (B or 1, n + S)
     return dataclasses.replace(mask, padding=padding, key_positions=keys), positions
 
 
